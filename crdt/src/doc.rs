@@ -1,0 +1,135 @@
+//! One Automerge document holding a flat map of string keys to string values.
+//! This is the only module that touches Automerge.
+
+use crate::hash::stable_hash;
+use automerge::sync::SyncDoc;
+use automerge::transaction::{CommitOptions, Transactable};
+use automerge::{ActorId, AutoCommit, Change, ReadDoc, ROOT};
+
+/// Errors from Automerge on remote input. The document is unchanged when one is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum DocError {
+    /// Bytes that are not a valid Automerge change, document or sync message.
+    #[error("malformed automerge data: {0}")]
+    Malformed(String),
+}
+
+/// A peer's sync session for one document (Automerge's `sync::State`).
+#[derive(Debug, Default)]
+pub struct SyncState(automerge::sync::State);
+
+/// A flat string map in one Automerge document.
+pub(crate) struct Doc {
+    am: AutoCommit,
+}
+
+impl std::fmt::Debug for Doc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Doc").finish_non_exhaustive()
+    }
+}
+
+impl Doc {
+    pub fn new(actor: &ActorId) -> Doc {
+        Doc { am: AutoCommit::new().with_actor(actor.clone()) }
+    }
+
+    /// Sets `key` to `value`, committing at once. Returns the change's bytes, for pushing to
+    /// peers. Writing the value already there writes nothing and returns `None`.
+    pub fn put(&mut self, key: &str, value: &str) -> Option<Vec<u8>> {
+        if self.get(key).as_deref() == Some(value) && self.conflicts(key) <= 1 {
+            return None;
+        }
+        // INVARIANT: ROOT is a map, and a put of a scalar string onto a map cannot fail.
+        self.am.put(ROOT, key, value).expect("put on the root map");
+        self.commit()
+    }
+
+    /// Deletes `key`; returns the change's bytes, or `None` when it was absent.
+    pub fn delete(&mut self, key: &str) -> Option<Vec<u8>> {
+        if self.get(key).is_none() {
+            return None;
+        }
+        // INVARIANT: deleting a present key of the root map cannot fail.
+        self.am.delete(ROOT, key).expect("delete on the root map");
+        self.commit()
+    }
+
+    fn commit(&mut self) -> Option<Vec<u8>> {
+        // A fixed timestamp: the change bytes (and so the heads and the digest) must not
+        // depend on a clock.
+        self.am.commit_with(CommitOptions::default().with_time(0))?;
+        self.am.get_last_local_change().map(|c| c.raw_bytes().to_vec())
+    }
+
+    fn conflicts(&self, key: &str) -> usize {
+        self.am.get_all(ROOT, key).map(|v| v.len()).unwrap_or(0)
+    }
+
+    /// The value of `key`. Where two writes conflict (only possible across two boots of one
+    /// writer), the greatest string wins, so every node reads the same value.
+    pub fn get(&self, key: &str) -> Option<String> {
+        let values = self.am.get_all(ROOT, key).ok()?;
+        values.into_iter().filter_map(|(v, _)| v.into_string().ok()).max()
+    }
+
+    /// All entries, sorted by key, conflicts resolved as in [`Doc::get`].
+    pub fn entries(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for key in self.am.keys(ROOT) {
+            if let Some(value) = self.get(&key) {
+                out.push((key, value));
+            }
+        }
+        out
+    }
+
+    /// Applies changes from a peer. Changes whose dependencies are missing wait inside
+    /// Automerge until those arrive. Returns whether the heads moved.
+    pub fn apply_changes(&mut self, changes: &[Vec<u8>]) -> Result<bool, DocError> {
+        let mut parsed = Vec::with_capacity(changes.len());
+        for bytes in changes {
+            let change = Change::from_bytes(bytes.clone()).map_err(|e| DocError::Malformed(e.to_string()))?;
+            parsed.push(change);
+        }
+        let before = self.am.get_heads();
+        self.am.apply_changes(parsed).map_err(|e| DocError::Malformed(e.to_string()))?;
+        Ok(self.am.get_heads() != before)
+    }
+
+    /// A hash of the current heads: equal on two nodes exactly when they hold the same history.
+    pub fn heads_hash(&mut self) -> u64 {
+        let mut heads = self.am.get_heads();
+        heads.sort();
+        let mut bytes = Vec::with_capacity(heads.len() * 32);
+        for h in &heads {
+            bytes.extend_from_slice(&h.0);
+        }
+        stable_hash(&bytes)
+    }
+
+    pub fn save(&mut self) -> Vec<u8> {
+        self.am.save()
+    }
+
+    /// The changes since the last `save` or `save_incremental`.
+    pub fn save_incremental(&mut self) -> Vec<u8> {
+        self.am.save_incremental()
+    }
+
+    /// Loads bytes from `save`/`save_incremental` into this document.
+    pub fn load_incremental(&mut self, bytes: &[u8]) -> Result<(), DocError> {
+        self.am.load_incremental(bytes).map(|_| ()).map_err(|e| DocError::Malformed(e.to_string()))
+    }
+
+    pub fn generate_sync(&mut self, state: &mut SyncState) -> Option<Vec<u8>> {
+        self.am.sync().generate_sync_message(&mut state.0).map(|m| m.encode())
+    }
+
+    pub fn receive_sync(&mut self, state: &mut SyncState, bytes: &[u8]) -> Result<bool, DocError> {
+        let message = automerge::sync::Message::decode(bytes).map_err(|e| DocError::Malformed(e.to_string()))?;
+        let before = self.am.get_heads();
+        self.am.sync().receive_sync_message(&mut state.0, message).map_err(|e| DocError::Malformed(e.to_string()))?;
+        Ok(self.am.get_heads() != before)
+    }
+}

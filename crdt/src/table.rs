@@ -1,0 +1,510 @@
+//! The cluster table: one Automerge document per node and one per job, behind a typed API.
+//!
+//! # Single writer per key
+//! - A node writes only its own node document.
+//! - In a job document, the accepting node writes `spec` once; node N writes only
+//!   `claim/<i>/N`, `run/<i>/<a>/N` and `stop/N`.
+//!
+//! So concurrent writers never touch one key, and Automerge's own conflict pick decides
+//! nothing. The typed writers below take no node argument: they always write as the local
+//! node, which makes the rule impossible to break from outside this module.
+//!
+//! # Bounded history (I6)
+//! A job's history lives and dies with the job: compaction drops the whole document, and a
+//! bounded tombstone list keeps peers from handing it back. See ARCHITECTURE.md.
+
+use crate::doc::{Doc, DocError, SyncState};
+use crate::hash::{mix64, stable_hash};
+use crate::records::{
+    keys, Claim, DocId, JobHeader, JobId, JobRecord, NodeId, NodeInfo, NodeMode, NodeRecord, Run, StopRequest,
+};
+use crate::rules::{membership, NodeState};
+use automerge::ActorId;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// Anti-entropy buckets. A digest is this many hashes, so two peers find which slice of the
+/// table differs without exchanging the whole summary.
+pub const BUCKETS: usize = 64;
+
+/// Errors from the table. None of them changes the table.
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    /// Remote or stored bytes that Automerge could not read.
+    #[error(transparent)]
+    Doc(#[from] DocError),
+    /// A persisted record or snapshot that could not be decoded.
+    #[error("corrupt persisted table: {0}")]
+    Corrupt(String),
+}
+
+struct Entry<R> {
+    doc: Doc,
+    record: R,
+    hash: u64,
+}
+
+/// What the table persists: appended records, replayed in order on load.
+#[derive(Debug, Serialize, Deserialize)]
+enum PersistRecord {
+    /// Automerge bytes (a save or an incremental save) for one document.
+    Doc { doc: DocId, bytes: Vec<u8> },
+    /// A job compacted away, with when.
+    Compacted { job: JobId, at_ms: u64 },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Snapshot {
+    records: Vec<PersistRecord>,
+}
+
+/// The replicated table as one node holds it.
+pub struct Table {
+    local: NodeId,
+    actor: ActorId,
+    nodes: BTreeMap<NodeId, Entry<NodeRecord>>,
+    jobs: BTreeMap<JobId, Entry<JobRecord>>,
+    states: BTreeMap<NodeId, NodeState>,
+    tombstones: BTreeMap<JobId, u64>,
+    tombstone_order: VecDeque<(u64, JobId)>,
+    buckets: [u64; BUCKETS],
+    unsaved: BTreeSet<DocId>,
+    compacted_unsaved: Vec<(JobId, u64)>,
+    changed: BTreeSet<DocId>,
+    outbox: Vec<(DocId, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Table")
+            .field("local", &self.local)
+            .field("nodes", &self.nodes.len())
+            .field("jobs", &self.jobs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn bucket_of(doc: &DocId) -> usize {
+    (stable_hash(doc.key().as_bytes()) % BUCKETS as u64) as usize
+}
+
+fn entry_hash(doc: &DocId, heads_hash: u64) -> u64 {
+    mix64(stable_hash(doc.key().as_bytes()) ^ heads_hash)
+}
+
+impl Table {
+    /// An empty table for `local`. `actor` must be unique to this boot of this node: a node
+    /// restarted from disk may have sent changes it never persisted, and reusing the actor
+    /// would make its next change collide with them.
+    pub fn new(local: NodeId, actor: [u8; 16]) -> Table {
+        Table {
+            local,
+            actor: ActorId::from(&actor[..]),
+            nodes: BTreeMap::new(),
+            jobs: BTreeMap::new(),
+            states: BTreeMap::new(),
+            tombstones: BTreeMap::new(),
+            tombstone_order: VecDeque::new(),
+            buckets: [0; BUCKETS],
+            unsaved: BTreeSet::new(),
+            compacted_unsaved: Vec::new(),
+            changed: BTreeSet::new(),
+            outbox: Vec::new(),
+        }
+    }
+
+    /// The local node's id.
+    pub fn local(&self) -> &NodeId {
+        &self.local
+    }
+
+    // ---- reading ----
+
+    /// A job's record.
+    pub fn job(&self, id: &str) -> Option<&JobRecord> {
+        self.jobs.get(id).map(|e| &e.record)
+    }
+
+    /// All jobs, by id.
+    pub fn jobs(&self) -> impl Iterator<Item = (&JobId, &JobRecord)> {
+        self.jobs.iter().map(|(id, e)| (id, &e.record))
+    }
+
+    /// Number of job documents held.
+    pub fn job_count(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// A node's record.
+    pub fn node(&self, id: &str) -> Option<&NodeRecord> {
+        self.nodes.get(id).map(|e| &e.record)
+    }
+
+    /// All nodes, by id.
+    pub fn nodes(&self) -> impl Iterator<Item = (&NodeId, &NodeRecord)> {
+        self.nodes.iter().map(|(id, e)| (id, &e.record))
+    }
+
+    /// A node's state. A node the table has never heard of counts as alive: its claims stand
+    /// until some observer certifies it dead.
+    pub fn node_state(&self, id: &str) -> NodeState {
+        self.states.get(id).copied().unwrap_or(NodeState::Alive)
+    }
+
+    /// Every known node's state.
+    pub fn node_states(&self) -> &BTreeMap<NodeId, NodeState> {
+        &self.states
+    }
+
+    /// Whether a job was compacted here (and so is refused if a peer offers it again).
+    pub fn is_compacted(&self, job: &str) -> bool {
+        self.tombstones.contains_key(job)
+    }
+
+    /// Number of tombstones held.
+    pub fn tombstone_count(&self) -> usize {
+        self.tombstones.len()
+    }
+
+    // ---- local writes (always as the local node) ----
+
+    fn write(&mut self, doc_id: DocId, key: &str, value: Option<&str>) {
+        let actor = self.actor.clone();
+        let change = match &doc_id {
+            DocId::Node(id) => {
+                let entry = self.nodes.entry(id.clone()).or_insert_with(|| Entry {
+                    doc: Doc::new(&actor),
+                    record: NodeRecord::default(),
+                    hash: 0,
+                });
+                match value {
+                    Some(v) => entry.doc.put(key, v),
+                    None => entry.doc.delete(key),
+                }
+            }
+            DocId::Job(id) => {
+                let entry = self.jobs.entry(id.clone()).or_insert_with(|| Entry {
+                    doc: Doc::new(&actor),
+                    record: JobRecord::default(),
+                    hash: 0,
+                });
+                match value {
+                    Some(v) => entry.doc.put(key, v),
+                    None => entry.doc.delete(key),
+                }
+            }
+        };
+        if let Some(bytes) = change {
+            self.outbox.push((doc_id.clone(), bytes));
+            self.after_change(&doc_id);
+        }
+    }
+
+    fn write_json<T: Serialize>(&mut self, doc_id: DocId, key: &str, value: &T) {
+        // INVARIANT: our record types serialize infallibly (no maps with non-string keys).
+        let json = serde_json::to_string(value).expect("record types serialize");
+        self.write(doc_id, key, Some(&json));
+    }
+
+    fn local_doc(&self) -> DocId {
+        DocId::Node(self.local.clone())
+    }
+
+    /// Creates a job document with its header. The id must be new.
+    pub fn create_job(&mut self, id: &str, header: &JobHeader) {
+        self.write_json(DocId::Job(id.to_string()), keys::SPEC, header);
+    }
+
+    /// Writes the local node's claim on `index` of `job`.
+    pub fn write_claim(&mut self, job: &str, index: u32, claim: &Claim) {
+        let key = keys::claim(index, &self.local);
+        self.write_json(DocId::Job(job.to_string()), &key, claim);
+    }
+
+    /// Withdraws the local node's claim on `index` of `job`.
+    pub fn delete_claim(&mut self, job: &str, index: u32) {
+        let key = keys::claim(index, &self.local);
+        self.write(DocId::Job(job.to_string()), &key, None);
+    }
+
+    /// Writes the local node's run of `index`/`attempt` of `job`.
+    pub fn write_run(&mut self, job: &str, index: u32, attempt: u32, run: &Run) {
+        let key = keys::run(index, attempt, &self.local);
+        self.write_json(DocId::Job(job.to_string()), &key, run);
+    }
+
+    /// Records the local node's request to stop `job`.
+    pub fn write_stop(&mut self, job: &str, stop: &StopRequest) {
+        let key = keys::stop(&self.local);
+        self.write_json(DocId::Job(job.to_string()), &key, stop);
+    }
+
+    /// Writes the local node's static facts.
+    pub fn write_node_info(&mut self, info: &NodeInfo) {
+        self.write_json(self.local_doc(), keys::INFO, info);
+    }
+
+    /// Writes the local node's incarnation.
+    pub fn write_incarnation(&mut self, incarnation: u64) {
+        self.write(self.local_doc(), keys::INCARNATION, Some(&incarnation.to_string()));
+    }
+
+    /// Writes the local node's mode.
+    pub fn write_mode(&mut self, mode: NodeMode) {
+        self.write_json(self.local_doc(), keys::MODE, &mode);
+    }
+
+    /// Records (Some) or clears (None) the local node's suspicion of `peer`.
+    pub fn write_suspect(&mut self, peer: &str, incarnation: Option<u64>) {
+        let value = incarnation.map(|i| i.to_string());
+        self.write(self.local_doc(), &keys::suspect(peer), value.as_deref());
+    }
+
+    /// Records (Some) or clears (None) the local node's death certificate for `peer`.
+    pub fn write_death(&mut self, peer: &str, incarnation: Option<u64>) {
+        let value = incarnation.map(|i| i.to_string());
+        self.write(self.local_doc(), &keys::dead(peer), value.as_deref());
+    }
+
+    // ---- bookkeeping after any change ----
+
+    fn after_change(&mut self, doc_id: &DocId) {
+        let bucket = bucket_of(doc_id);
+        let (old, new) = match doc_id {
+            DocId::Node(id) => {
+                let Some(entry) = self.nodes.get_mut(id) else { return };
+                let entries = entry.doc.entries();
+                entry.record = NodeRecord::parse(entries.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+                let old = entry.hash;
+                entry.hash = entry_hash(doc_id, entry.doc.heads_hash());
+                (old, entry.hash)
+            }
+            DocId::Job(id) => {
+                let Some(entry) = self.jobs.get_mut(id) else { return };
+                let entries = entry.doc.entries();
+                entry.record = JobRecord::parse(entries.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+                let old = entry.hash;
+                entry.hash = entry_hash(doc_id, entry.doc.heads_hash());
+                (old, entry.hash)
+            }
+        };
+        self.buckets[bucket] ^= old ^ new;
+        if matches!(doc_id, DocId::Node(_)) {
+            let records: BTreeMap<NodeId, NodeRecord> =
+                self.nodes.iter().map(|(id, e)| (id.clone(), e.record.clone())).collect();
+            self.states = membership(&records);
+        }
+        self.unsaved.insert(doc_id.clone());
+        self.changed.insert(doc_id.clone());
+    }
+
+    /// Documents changed (locally or by a peer) since the last call.
+    pub fn take_changed(&mut self) -> BTreeSet<DocId> {
+        std::mem::take(&mut self.changed)
+    }
+
+    /// Local changes since the last call, to push to peers: (document, change bytes).
+    pub fn take_outbox(&mut self) -> Vec<(DocId, Vec<u8>)> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    // ---- remote input ----
+
+    fn entry_for_remote(&mut self, doc_id: &DocId) -> Option<&mut Doc> {
+        let actor = self.actor.clone();
+        match doc_id {
+            DocId::Node(id) => Some(
+                &mut self
+                    .nodes
+                    .entry(id.clone())
+                    .or_insert_with(|| Entry { doc: Doc::new(&actor), record: NodeRecord::default(), hash: 0 })
+                    .doc,
+            ),
+            DocId::Job(id) => {
+                if self.tombstones.contains_key(id) {
+                    return None;
+                }
+                Some(
+                    &mut self
+                        .jobs
+                        .entry(id.clone())
+                        .or_insert_with(|| Entry { doc: Doc::new(&actor), record: JobRecord::default(), hash: 0 })
+                        .doc,
+                )
+            }
+        }
+    }
+
+    /// Applies changes pushed by a peer. Returns whether the document moved. A compacted job's
+    /// changes are ignored (returns false). On error nothing changed.
+    pub fn apply_changes(&mut self, doc_id: &DocId, changes: &[Vec<u8>]) -> Result<bool, TableError> {
+        let Some(doc) = self.entry_for_remote(doc_id) else { return Ok(false) };
+        let moved = doc.apply_changes(changes)?;
+        if moved {
+            self.after_change(doc_id);
+        }
+        Ok(moved)
+    }
+
+    /// The next sync message for `doc_id` in the session `state`, if any.
+    pub fn generate_sync(&mut self, doc_id: &DocId, state: &mut SyncState) -> Option<Vec<u8>> {
+        let doc = self.entry_for_remote(doc_id)?;
+        doc.generate_sync(state)
+    }
+
+    /// Receives a sync message for `doc_id`. Returns whether the document moved.
+    pub fn receive_sync(&mut self, doc_id: &DocId, state: &mut SyncState, bytes: &[u8]) -> Result<bool, TableError> {
+        let Some(doc) = self.entry_for_remote(doc_id) else { return Ok(false) };
+        let moved = doc.receive_sync(state, bytes)?;
+        if moved {
+            self.after_change(doc_id);
+        }
+        Ok(moved)
+    }
+
+    // ---- digests ----
+
+    /// Per-bucket hashes of (document, heads). Equal on two nodes exactly when they hold the
+    /// same documents with the same histories (up to hash collisions).
+    pub fn bucket_hashes(&self) -> [u64; BUCKETS] {
+        self.buckets
+    }
+
+    /// A single digest of the whole table.
+    pub fn digest(&self) -> u64 {
+        let mut bytes = Vec::with_capacity(BUCKETS * 8);
+        for b in &self.buckets {
+            bytes.extend_from_slice(&b.to_le_bytes());
+        }
+        stable_hash(&bytes)
+    }
+
+    /// The digest as 16 hex digits, for humans and logs.
+    pub fn digest_hex(&self) -> String {
+        format!("{:016x}", self.digest())
+    }
+
+    /// (document, entry hash) for every document in the given buckets.
+    pub fn summary(&self, buckets: &[usize]) -> Vec<(DocId, u64)> {
+        let wanted: BTreeSet<usize> = buckets.iter().copied().collect();
+        let nodes = self.nodes.iter().map(|(id, e)| (DocId::Node(id.clone()), e.hash));
+        let jobs = self.jobs.iter().map(|(id, e)| (DocId::Job(id.clone()), e.hash));
+        nodes.chain(jobs).filter(|(d, _)| wanted.contains(&bucket_of(d))).collect()
+    }
+
+    /// The entry hash of one document, if held.
+    pub fn doc_hash(&self, doc_id: &DocId) -> Option<u64> {
+        match doc_id {
+            DocId::Node(id) => self.nodes.get(id).map(|e| e.hash),
+            DocId::Job(id) => self.jobs.get(id).map(|e| e.hash),
+        }
+    }
+
+    /// The bucket a document falls in.
+    pub fn bucket_of(doc_id: &DocId) -> usize {
+        bucket_of(doc_id)
+    }
+
+    // ---- compaction ----
+
+    /// Drops a job's document and remembers its id, so a peer cannot hand it back.
+    pub fn compact_job(&mut self, job: &str, now_ms: u64) {
+        let doc_id = DocId::Job(job.to_string());
+        if let Some(entry) = self.jobs.remove(job) {
+            self.buckets[bucket_of(&doc_id)] ^= entry.hash;
+        }
+        self.unsaved.remove(&doc_id);
+        self.changed.insert(doc_id);
+        if self.tombstones.insert(job.to_string(), now_ms).is_none() {
+            self.tombstone_order.push_back((now_ms, job.to_string()));
+        }
+        self.compacted_unsaved.push((job.to_string(), now_ms));
+    }
+
+    /// Forgets tombstones past `max_count` (oldest first) or older than `max_age_ms`.
+    pub fn expire_tombstones(&mut self, now_ms: u64, max_count: usize, max_age_ms: u64) {
+        while let Some((at, id)) = self.tombstone_order.front() {
+            let too_many = self.tombstones.len() > max_count;
+            let too_old = now_ms.saturating_sub(*at) > max_age_ms;
+            if !(too_many || too_old) {
+                break;
+            }
+            self.tombstones.remove(id);
+            self.tombstone_order.pop_front();
+        }
+    }
+
+    // ---- persistence ----
+
+    /// Records for everything changed since the last call, to append to durable storage.
+    pub fn take_persist_records(&mut self) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for doc_id in std::mem::take(&mut self.unsaved) {
+            let bytes = match &doc_id {
+                DocId::Node(id) => self.nodes.get_mut(id).map(|e| e.doc.save_incremental()),
+                DocId::Job(id) => self.jobs.get_mut(id).map(|e| e.doc.save_incremental()),
+            };
+            if let Some(bytes) = bytes.filter(|b| !b.is_empty()) {
+                out.push(encode(&PersistRecord::Doc { doc: doc_id, bytes }));
+            }
+        }
+        for (job, at_ms) in std::mem::take(&mut self.compacted_unsaved) {
+            out.push(encode(&PersistRecord::Compacted { job, at_ms }));
+        }
+        out
+    }
+
+    /// The whole table, compactly: loading it alone restores this state.
+    pub fn snapshot(&mut self) -> Vec<u8> {
+        let mut records = Vec::new();
+        for (id, e) in &mut self.nodes {
+            records.push(PersistRecord::Doc { doc: DocId::Node(id.clone()), bytes: e.doc.save() });
+        }
+        for (id, e) in &mut self.jobs {
+            records.push(PersistRecord::Doc { doc: DocId::Job(id.clone()), bytes: e.doc.save() });
+        }
+        for (at_ms, job) in &self.tombstone_order {
+            records.push(PersistRecord::Compacted { job: job.clone(), at_ms: *at_ms });
+        }
+        self.unsaved.clear();
+        self.compacted_unsaved.clear();
+        encode(&Snapshot { records })
+    }
+
+    /// Restores from a snapshot and the records appended after it. Records are idempotent:
+    /// replaying one twice is harmless. A corrupt record is an error; the caller decides.
+    pub fn restore(&mut self, snapshot: Option<&[u8]>, records: &[Vec<u8>]) -> Result<(), TableError> {
+        if let Some(bytes) = snapshot {
+            let snap: Snapshot = postcard::from_bytes(bytes).map_err(|e| TableError::Corrupt(e.to_string()))?;
+            for record in snap.records {
+                self.restore_record(record)?;
+            }
+        }
+        for bytes in records {
+            let record: PersistRecord = postcard::from_bytes(bytes).map_err(|e| TableError::Corrupt(e.to_string()))?;
+            self.restore_record(record)?;
+        }
+        self.unsaved.clear();
+        self.compacted_unsaved.clear();
+        self.outbox.clear();
+        Ok(())
+    }
+
+    fn restore_record(&mut self, record: PersistRecord) -> Result<(), TableError> {
+        match record {
+            PersistRecord::Doc { doc, bytes } => {
+                if let Some(d) = self.entry_for_remote(&doc) {
+                    d.load_incremental(&bytes)?;
+                    self.after_change(&doc);
+                }
+            }
+            PersistRecord::Compacted { job, at_ms } => self.compact_job(&job, at_ms),
+        }
+        Ok(())
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // INVARIANT: postcard serialization of our own plain data types cannot fail.
+    postcard::to_stdvec(value).expect("postcard encodes plain data")
+}
