@@ -1,0 +1,90 @@
+//! The messages node cores exchange. Encoded with postcard; a decode failure is an error the
+//! caller logs and drops, never a panic (I7).
+
+use colony_crdt::{DocId, JobId, NodeId};
+use serde::{Deserialize, Serialize};
+
+/// A message between two node cores.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// A liveness probe; answered with `Ack` carrying the same `seq`.
+    Ping {
+        /// Echoed by the answer.
+        seq: u64,
+    },
+    /// The answer to `Ping`, or a relayed answer to `PingReq`.
+    Ack {
+        /// The probe's `seq`.
+        seq: u64,
+    },
+    /// Asks the receiver to probe `target` on the sender's behalf (SWIM indirect probe).
+    PingReq {
+        /// Echoed in the relayed `Ack`.
+        seq: u64,
+        /// The node to probe.
+        target: NodeId,
+    },
+    /// New changes to one document, pushed right after they were made.
+    Changes {
+        /// Which document.
+        doc: DocId,
+        /// Automerge change bytes.
+        changes: Vec<Vec<u8>>,
+    },
+    /// Anti-entropy, step 1: the sender's per-bucket hashes.
+    Digest {
+        /// `colony_crdt::BUCKETS` hashes.
+        buckets: Vec<u64>,
+    },
+    /// Anti-entropy, step 2: the documents in the buckets that differed, with their hashes.
+    Summary {
+        /// The buckets covered.
+        buckets: Vec<u16>,
+        /// (document, hash) for every document the sender holds in those buckets.
+        entries: Vec<(DocId, u64)>,
+    },
+    /// Anti-entropy, step 3: one Automerge sync message for one document.
+    Sync {
+        /// Which document.
+        doc: DocId,
+        /// The encoded `automerge::sync::Message`.
+        data: Vec<u8>,
+    },
+    /// These jobs were compacted by the sender: drop them too.
+    Forget {
+        /// The compacted jobs.
+        jobs: Vec<JobId>,
+    },
+}
+
+/// A message that could not be decoded.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed message: {0}")]
+pub struct DecodeError(String);
+
+impl Message {
+    /// The wire form.
+    pub fn encode(&self) -> Vec<u8> {
+        // INVARIANT: postcard encodes plain data without failing.
+        postcard::to_stdvec(self).expect("postcard encodes plain data")
+    }
+
+    /// Parses the wire form.
+    pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
+        postcard::from_bytes(bytes).map_err(|e| DecodeError(e.to_string()))
+    }
+
+    /// A short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Ping { .. } => "ping",
+            Message::Ack { .. } => "ack",
+            Message::PingReq { .. } => "ping_req",
+            Message::Changes { .. } => "changes",
+            Message::Digest { .. } => "digest",
+            Message::Summary { .. } => "summary",
+            Message::Sync { .. } => "sync",
+            Message::Forget { .. } => "forget",
+        }
+    }
+}

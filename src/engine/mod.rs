@@ -1,0 +1,1220 @@
+//! The node core: a deterministic, sans-IO state machine.
+//!
+//! Inputs are `handle_*(now_ms, ...)` calls and API commands. Outputs are data, drained with
+//! [`Engine::poll_output`] in this order within each step: `Persist`/`Snapshot` first, then
+//! `Send`, then `StartTask`/`StopTask`, then `Event`. A driver must make the persist durable
+//! before acting on what follows it (that is what makes a submission's acknowledgement safe).
+//!
+//! It never reads a clock, draws unseeded randomness, opens a socket or spawns a task: the
+//! simulator and the daemon drive exactly this code.
+
+mod config;
+mod message;
+mod swim;
+mod views;
+
+pub use config::{EngineConfig, Limits, Retention, Timing};
+pub use message::{DecodeError, Message};
+pub use views::{InstanceJson, JobJson, NodeJson, RunJson};
+
+use colony_crdt::rules::{self, evaluate_instance, placement_score, InstanceView, JobStatus, NodeState};
+use colony_crdt::{
+    Claim, DocId, InstanceStatus, JobHeader, JobId, JobSpec, NodeId, NodeInfo, NodeMode, Resources, RestartPlacement,
+    Run, RunStatus, SpecError, StopRequest, SyncState, Table, TableError, BUCKETS,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use swim::Swim;
+
+/// Identifies one run of one instance on this node: `<job>/<index>/<attempt>`.
+pub type TaskId = String;
+
+/// What the driver must do. See the module docs for the order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Append these records to durable storage.
+    Persist(Vec<Vec<u8>>),
+    /// Replace durable storage with this snapshot (the records before it are folded in).
+    Snapshot(Vec<u8>),
+    /// Send `message` to `to`; delivery is best effort.
+    Send {
+        /// The peer.
+        to: NodeId,
+        /// The message.
+        message: Message,
+    },
+    /// Start running an instance.
+    StartTask(TaskStart),
+    /// Stop a task started earlier; its exit is still reported with `handle_task_exited`.
+    StopTask {
+        /// The task.
+        task: TaskId,
+    },
+    /// Something users may want to react to.
+    Event(Event),
+}
+
+/// A task to start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskStart {
+    /// Echoed by `handle_task_exited`.
+    pub task: TaskId,
+    /// The job.
+    pub job: JobId,
+    /// Instance index.
+    pub index: u32,
+    /// Attempt.
+    pub attempt: u32,
+    /// The job's spec.
+    pub spec: JobSpec,
+}
+
+/// A state change, for event streams.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// A job changed status.
+    Job {
+        /// The job.
+        id: JobId,
+        /// Its new status.
+        status: JobStatus,
+    },
+    /// An instance changed status or owner.
+    Instance {
+        /// The job.
+        job: JobId,
+        /// Instance index.
+        index: u32,
+        /// New status.
+        status: InstanceStatus,
+        /// Owner's node id.
+        node: Option<NodeId>,
+    },
+    /// A node changed state.
+    Node {
+        /// The node.
+        id: NodeId,
+        /// Its new state.
+        state: NodeState,
+    },
+}
+
+/// Errors from API commands. None of them changes state.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The spec was refused; nothing was written.
+    #[error(transparent)]
+    InvalidSpec(#[from] SpecError),
+    /// No such job here (never submitted, or compacted).
+    #[error("unknown job `{0}`")]
+    UnknownJob(String),
+    /// The node has left the cluster and takes no commands.
+    #[error("this node has left the cluster")]
+    Left,
+    /// Persisted state could not be restored.
+    #[error(transparent)]
+    Table(#[from] TableError),
+}
+
+#[derive(Debug, Clone)]
+struct MyClaim {
+    attempt: u32,
+    at_ms: u64,
+    resources: Resources,
+    started: bool,
+}
+
+#[derive(Debug, Clone)]
+struct LocalTask {
+    job: JobId,
+    index: u32,
+    attempt: u32,
+    started_ms: u64,
+    stopping: Option<&'static str>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+struct JobCache {
+    status: Option<JobStatus>,
+    instances: Vec<(InstanceStatus, Option<NodeId>)>,
+    allocation: Vec<(NodeId, Resources)>,
+    priority: i32,
+    finished_at_ms: Option<u64>,
+}
+
+/// Counters for metrics and the simulator's checkers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    /// Claims written.
+    pub claims: u64,
+    /// Claims withdrawn after losing.
+    pub claims_lost: u64,
+    /// Tasks started.
+    pub tasks_started: u64,
+    /// Tasks stopped because another node won (duplicates).
+    pub tasks_superseded: u64,
+    /// Death certificates written.
+    pub deaths_written: u64,
+    /// Refutations (own incarnation raised).
+    pub refutations: u64,
+    /// Jobs compacted.
+    pub jobs_compacted: u64,
+    /// Messages that failed to decode or apply.
+    pub bad_messages: u64,
+}
+
+/// The node core.
+pub struct Engine {
+    id: NodeId,
+    config: EngineConfig,
+    rng: ChaCha8Rng,
+    boot: u64,
+    table: Table,
+    incarnation: u64,
+    mode: NodeMode,
+    peers: BTreeSet<NodeId>,
+    claims: BTreeMap<(JobId, u32), MyClaim>,
+    tasks: BTreeMap<TaskId, LocalTask>,
+    pending_since: BTreeMap<(JobId, u32, u32), u64>,
+    timers: BTreeSet<(u64, JobId)>,
+    dirty: BTreeSet<JobId>,
+    waiting_for_capacity: BTreeSet<JobId>,
+    cache: BTreeMap<JobId, JobCache>,
+    allocated: BTreeMap<NodeId, Resources>,
+    node_states: BTreeMap<NodeId, NodeState>,
+    swim: Swim,
+    sessions: BTreeMap<(NodeId, DocId), SyncState>,
+    next_anti_entropy_ms: u64,
+    next_compaction_ms: u64,
+    persisted_since_snapshot: usize,
+    last_snapshot_len: usize,
+    sends: Vec<(NodeId, Message)>,
+    task_outputs: Vec<Output>,
+    events: Vec<Event>,
+    outputs: VecDeque<Output>,
+    counters: Counters,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("id", &self.id).field("name", &self.config.name).finish_non_exhaustive()
+    }
+}
+
+fn task_id(job: &str, index: u32, attempt: u32) -> TaskId {
+    format!("{job}/{index}/{attempt}")
+}
+
+impl Engine {
+    /// Starts a node core. `seed` drives all its randomness (log it: it replays the node).
+    /// `restored` is what durable storage held: a snapshot and the records appended after it.
+    pub fn new(
+        id: NodeId,
+        config: EngineConfig,
+        seed: u64,
+        now_ms: u64,
+        restored: Option<(Option<&[u8]>, &[Vec<u8>])>,
+    ) -> Result<Engine, EngineError> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let boot: u64 = rng.gen();
+        let actor: [u8; 16] = rng.gen();
+        let mut table = Table::new(id.clone(), actor);
+        if let Some((snapshot, records)) = restored {
+            table.restore(snapshot, records)?;
+        }
+        let incarnation = table.node(&id).map_or(0, |r| r.incarnation);
+        let mode = table.node(&id).map_or(NodeMode::Active, |r| r.mode);
+        let swim = Swim::new(&config.timing, now_ms);
+        let mut engine = Engine {
+            id,
+            boot,
+            table,
+            incarnation,
+            mode,
+            peers: BTreeSet::new(),
+            claims: BTreeMap::new(),
+            tasks: BTreeMap::new(),
+            pending_since: BTreeMap::new(),
+            timers: BTreeSet::new(),
+            dirty: BTreeSet::new(),
+            waiting_for_capacity: BTreeSet::new(),
+            cache: BTreeMap::new(),
+            allocated: BTreeMap::new(),
+            node_states: BTreeMap::new(),
+            swim,
+            sessions: BTreeMap::new(),
+            next_anti_entropy_ms: now_ms,
+            next_compaction_ms: now_ms + config.timing.compaction_ms,
+            persisted_since_snapshot: 0,
+            last_snapshot_len: 0,
+            sends: Vec::new(),
+            task_outputs: Vec::new(),
+            events: Vec::new(),
+            outputs: VecDeque::new(),
+            counters: Counters::default(),
+            config,
+            rng,
+        };
+        engine.boot_up(now_ms);
+        Ok(engine)
+    }
+
+    fn boot_up(&mut self, now_ms: u64) {
+        if self.mode == NodeMode::Left {
+            // A node that left and is started again rejoins.
+            self.mode = NodeMode::Active;
+        }
+        let info = NodeInfo {
+            name: self.config.name.clone(),
+            addrs: self.config.addrs.clone(),
+            capacity: self.config.capacity,
+            labels: self.config.labels.clone(),
+        };
+        self.table.write_node_info(&info);
+        self.table.write_mode(self.mode);
+        // A restart refutes whatever was said about the previous boot.
+        self.refute_if_needed(true);
+        // Work of an earlier boot is gone (the processes died with it, or were killed by the
+        // driver): record it as lost and give the claims up, so the instances run again.
+        let mine: Vec<(JobId, Vec<(u32, Claim)>, Vec<(u32, u32, Run)>)> = self
+            .table
+            .jobs()
+            .map(|(id, rec)| {
+                let claims = rec
+                    .claims
+                    .iter()
+                    .filter(|((_, n), c)| *n == self.id && c.boot != self.boot)
+                    .map(|((i, _), c)| (*i, *c))
+                    .collect();
+                let runs = rec
+                    .runs
+                    .iter()
+                    .filter(|((_, _, n), r)| *n == self.id && r.status == RunStatus::Running)
+                    .map(|((i, a, _), r)| (*i, *a, r.clone()))
+                    .collect();
+                (id.clone(), claims, runs)
+            })
+            .collect();
+        for (job, claims, runs) in mine {
+            for (index, attempt, mut run) in runs {
+                run.status = RunStatus::Lost;
+                run.finished_ms = Some(now_ms);
+                run.reason = Some("node restarted".into());
+                self.table.write_run(&job, index, attempt, &run);
+            }
+            for (index, _) in claims {
+                self.table.delete_claim(&job, index);
+            }
+        }
+        let jobs: Vec<JobId> = self.table.jobs().map(|(id, _)| id.clone()).collect();
+        self.dirty.extend(jobs);
+        self.finish_step(now_ms);
+    }
+
+    // ---------------------------------------------------------------- accessors
+
+    /// This node's id.
+    pub fn id(&self) -> &NodeId {
+        &self.id
+    }
+
+    /// This node's config.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// The table, read-only.
+    pub fn table(&self) -> &Table {
+        &self.table
+    }
+
+    /// The table's digest: equal on two nodes holding the same state.
+    pub fn digest(&self) -> u64 {
+        self.table.digest()
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// This boot's id.
+    pub fn boot(&self) -> u64 {
+        self.boot
+    }
+
+    /// This node's incarnation.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// Resources held by this node's claims and tasks now.
+    pub fn local_allocation(&self) -> Resources {
+        self.claims.values().fold(Resources::default(), |acc, c| acc.plus(c.resources))
+    }
+
+    /// Tasks this node runs now.
+    pub fn running_tasks(&self) -> impl Iterator<Item = (&TaskId, (&str, u32, u32))> {
+        self.tasks.iter().map(|(id, t)| (id, (t.job.as_str(), t.index, t.attempt)))
+    }
+
+    /// The next output, in order.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// When `handle_timeout` should next be called.
+    pub fn poll_timeout(&self) -> u64 {
+        let mut t = self.next_anti_entropy_ms.min(self.next_compaction_ms).min(self.swim.next_deadline_ms());
+        if let Some((at, _)) = self.timers.first() {
+            t = t.min(*at);
+        }
+        t
+    }
+
+    // ---------------------------------------------------------------- inputs
+
+    /// A peer became reachable.
+    pub fn handle_peer_up(&mut self, now_ms: u64, peer: NodeId) {
+        if peer == self.id {
+            return;
+        }
+        if self.peers.insert(peer.clone()) {
+            // Start anti-entropy at once: a new peer is the likeliest to differ.
+            self.sends.push((peer, Message::Digest { buckets: self.table.bucket_hashes().to_vec() }));
+        }
+        self.finish_step(now_ms);
+    }
+
+    /// A peer became unreachable (a hint only: failure detection decides deaths).
+    pub fn handle_peer_down(&mut self, now_ms: u64, peer: &str) {
+        self.peers.remove(peer);
+        self.sessions.retain(|(p, _), _| p != peer);
+        self.finish_step(now_ms);
+    }
+
+    /// A message from a peer, as bytes. Malformed bytes are counted and refused.
+    pub fn handle_bytes(&mut self, now_ms: u64, from: &str, bytes: &[u8]) -> Result<(), DecodeError> {
+        match Message::decode(bytes) {
+            Ok(message) => {
+                self.handle_message(now_ms, from, message);
+                Ok(())
+            }
+            Err(e) => {
+                self.counters.bad_messages += 1;
+                Err(e)
+            }
+        }
+    }
+
+    /// A message from a peer.
+    pub fn handle_message(&mut self, now_ms: u64, from: &str, message: Message) {
+        if from == self.id {
+            return;
+        }
+        if !self.peers.contains(from) {
+            self.peers.insert(from.to_string());
+        }
+        match message {
+            Message::Ping { seq } => self.sends.push((from.to_string(), Message::Ack { seq })),
+            Message::Ack { seq } => self.on_ack(now_ms, from, seq),
+            Message::PingReq { seq, target } => {
+                let relay_seq = self.swim.start_relay(now_ms, from, seq);
+                self.sends.push((target, Message::Ping { seq: relay_seq }));
+            }
+            Message::Changes { doc, changes } => match self.table.apply_changes(&doc, &changes) {
+                Ok(_) => {}
+                Err(_) => self.counters.bad_messages += 1,
+            },
+            Message::Digest { buckets } => self.on_digest(from, &buckets),
+            Message::Summary { buckets, entries } => self.on_summary(from, &buckets, entries),
+            Message::Sync { doc, data } => self.on_sync(from, doc, &data),
+            Message::Forget { jobs } => {
+                for job in jobs {
+                    if self.table.job(&job).is_some() && !self.has_local_work(&job) {
+                        self.table.compact_job(&job, now_ms);
+                        self.forget_local(&job);
+                    }
+                }
+            }
+        }
+        self.finish_step(now_ms);
+    }
+
+    /// Timers: probes, anti-entropy, compaction, claim back-offs and settle windows.
+    pub fn handle_timeout(&mut self, now_ms: u64) {
+        self.run_failure_detector(now_ms);
+        if now_ms >= self.next_anti_entropy_ms {
+            self.next_anti_entropy_ms = now_ms + self.config.timing.anti_entropy_ms;
+            self.start_anti_entropy();
+        }
+        if now_ms >= self.next_compaction_ms {
+            self.next_compaction_ms = now_ms + self.config.timing.compaction_ms;
+            self.compact(now_ms);
+        }
+        while let Some((at, _)) = self.timers.first() {
+            if *at > now_ms {
+                break;
+            }
+            if let Some((_, job)) = self.timers.pop_first() {
+                self.dirty.insert(job);
+            }
+        }
+        self.finish_step(now_ms);
+    }
+
+    /// A task started by `StartTask` ended with `exit_code` (128+n for signal n).
+    pub fn handle_task_exited(&mut self, now_ms: u64, task: &str, exit_code: i32) {
+        let Some(local) = self.tasks.remove(task) else { return };
+        let status = match (local.stopping, exit_code) {
+            (Some(_), _) => RunStatus::Stopped,
+            (None, 0) => RunStatus::Succeeded,
+            (None, _) => RunStatus::Failed,
+        };
+        let run = Run {
+            status,
+            boot: self.boot,
+            started_ms: local.started_ms,
+            finished_ms: Some(now_ms),
+            exit_code: Some(exit_code),
+            reason: local.stopping.map(str::to_string),
+        };
+        if self.table.job(&local.job).is_some() {
+            self.table.write_run(&local.job, local.index, local.attempt, &run);
+        }
+        if status == RunStatus::Stopped {
+            // A stopped copy gives its claim up, so the rule never picks it again.
+            if self.table.job(&local.job).is_some() {
+                self.table.delete_claim(&local.job, local.index);
+            }
+        }
+        self.claims.remove(&(local.job.clone(), local.index));
+        self.release_capacity();
+        self.dirty.insert(local.job);
+        self.finish_step(now_ms);
+    }
+
+    /// A task could not be started (bad command, driver refused). Counts as a failed run.
+    pub fn handle_task_start_failed(&mut self, now_ms: u64, task: &str, reason: &str) {
+        if let Some(local) = self.tasks.get_mut(task) {
+            local.stopping = None;
+        }
+        let Some(local) = self.tasks.remove(task) else { return };
+        let run = Run {
+            status: RunStatus::Failed,
+            boot: self.boot,
+            started_ms: local.started_ms,
+            finished_ms: Some(now_ms),
+            exit_code: Some(127),
+            reason: Some(format!("start failed: {reason}")),
+        };
+        if self.table.job(&local.job).is_some() {
+            self.table.write_run(&local.job, local.index, local.attempt, &run);
+        }
+        self.claims.remove(&(local.job.clone(), local.index));
+        self.release_capacity();
+        self.dirty.insert(local.job);
+        self.finish_step(now_ms);
+    }
+
+    // ---------------------------------------------------------------- API commands
+
+    /// Accepts a job. The job is durable once the `Persist` output this call produces is
+    /// written; acknowledge the submitter only after that.
+    pub fn submit(&mut self, now_ms: u64, spec: JobSpec) -> Result<JobId, EngineError> {
+        if self.mode == NodeMode::Left {
+            return Err(EngineError::Left);
+        }
+        spec.validate()?;
+        let id = loop {
+            let candidate = format!("{:016x}", self.rng.gen::<u64>());
+            if self.table.job(&candidate).is_none() && !self.table.is_compacted(&candidate) {
+                break candidate;
+            }
+        };
+        let header = JobHeader { spec, submitted_by: self.id.clone(), submitted_at_ms: now_ms };
+        self.table.create_job(&id, &header);
+        self.dirty.insert(id.clone());
+        self.finish_step(now_ms);
+        Ok(id)
+    }
+
+    /// Requests that a job stop everywhere.
+    pub fn stop_job(&mut self, now_ms: u64, id: &str) -> Result<(), EngineError> {
+        if self.table.job(id).is_none() {
+            return Err(EngineError::UnknownJob(id.to_string()));
+        }
+        self.table.write_stop(id, &StopRequest { at_ms: now_ms });
+        self.dirty.insert(id.to_string());
+        self.finish_step(now_ms);
+        Ok(())
+    }
+
+    /// Stops taking new work and hands running work to others.
+    pub fn drain(&mut self, now_ms: u64) {
+        self.mode = NodeMode::Draining;
+        self.table.write_mode(NodeMode::Draining);
+        let tasks: Vec<TaskId> = self.tasks.keys().cloned().collect();
+        for task in tasks {
+            self.stop_task(&task, "drained");
+        }
+        let claims: Vec<(JobId, u32)> =
+            self.claims.iter().filter(|(_, c)| !c.started).map(|(k, _)| k.clone()).collect();
+        for (job, index) in claims {
+            self.table.delete_claim(&job, index);
+            self.claims.remove(&(job, index));
+        }
+        self.finish_step(now_ms);
+    }
+
+    /// Takes work again after a drain.
+    pub fn undrain(&mut self, now_ms: u64) {
+        self.mode = NodeMode::Active;
+        self.table.write_mode(NodeMode::Active);
+        let jobs: Vec<JobId> = self.table.jobs().map(|(id, _)| id.clone()).collect();
+        self.dirty.extend(jobs);
+        self.finish_step(now_ms);
+    }
+
+    /// Announces a graceful departure: others reschedule at once, without waiting for a
+    /// timeout. The driver should let the resulting sends go out before shutting down.
+    pub fn leave(&mut self, now_ms: u64) {
+        self.drain(now_ms);
+        self.mode = NodeMode::Left;
+        self.table.write_mode(NodeMode::Left);
+        self.finish_step(now_ms);
+    }
+
+    // ---------------------------------------------------------------- the step
+
+    fn finish_step(&mut self, now_ms: u64) {
+        // Evaluating jobs writes claims and runs, which changes documents, which may make
+        // more jobs worth evaluating (a node state change touches every job): loop to rest.
+        for _ in 0..4 {
+            self.absorb_changes();
+            if self.dirty.is_empty() {
+                break;
+            }
+            let mut jobs: Vec<JobId> = std::mem::take(&mut self.dirty).into_iter().collect();
+            // Higher priority first, so scarce capacity goes to it.
+            jobs.sort_by_key(|j| (-self.cache.get(j).map_or(0, |c| c.priority), j.clone()));
+            for job in jobs {
+                self.evaluate_job(now_ms, &job);
+            }
+        }
+        self.flush(now_ms);
+    }
+
+    fn absorb_changes(&mut self) {
+        let changed = self.table.take_changed();
+        let mut membership_changed = false;
+        for doc in changed {
+            match doc {
+                DocId::Job(id) => {
+                    self.dirty.insert(id);
+                }
+                DocId::Node(_) => membership_changed = true,
+            }
+        }
+        if membership_changed {
+            self.on_membership_changed();
+        }
+    }
+
+    fn on_membership_changed(&mut self) {
+        let states = self.table.node_states().clone();
+        for (id, state) in &states {
+            if self.node_states.get(id) != Some(state) {
+                self.events.push(Event::Node { id: id.clone(), state: *state });
+            }
+        }
+        let changed_nodes: BTreeSet<&NodeId> =
+            states.iter().filter(|(id, s)| self.node_states.get(*id) != Some(*s)).map(|(id, _)| id).collect();
+        if !changed_nodes.is_empty() {
+            // A node's death or return changes who wins its instances, and who ranks where.
+            let jobs: Vec<JobId> = self.cache.keys().cloned().collect();
+            self.dirty.extend(jobs);
+        }
+        self.node_states = states;
+        self.refute_if_needed(false);
+        self.drop_stale_certificates();
+    }
+
+    fn refute_if_needed(&mut self, force: bool) {
+        let mut worst = None::<u64>;
+        for (_, record) in self.table.nodes() {
+            for map in [&record.deaths, &record.suspects] {
+                if let Some(inc) = map.get(&self.id) {
+                    worst = Some(worst.map_or(*inc, |w: u64| w.max(*inc)));
+                }
+            }
+        }
+        let needed = worst.is_some_and(|w| w >= self.incarnation);
+        if needed || force {
+            let next = worst.map_or(self.incarnation, |w| w.max(self.incarnation)) + u64::from(needed);
+            if needed {
+                self.counters.refutations += 1;
+            }
+            self.incarnation = next;
+            self.table.write_incarnation(next);
+        }
+    }
+
+    /// Our suspicions and death certificates about nodes that have since refuted them (raised
+    /// their incarnation) or left are cleared, so node documents stay small.
+    fn drop_stale_certificates(&mut self) {
+        let Some(me) = self.table.node(&self.id) else { return };
+        let stale = |certs: &BTreeMap<NodeId, u64>| -> Vec<NodeId> {
+            certs
+                .iter()
+                .filter(|(target, inc)| {
+                    self.table.node(target).is_some_and(|r| r.incarnation > **inc || r.mode == NodeMode::Left)
+                })
+                .map(|(t, _)| t.clone())
+                .collect()
+        };
+        let suspects = stale(&me.suspects);
+        let deaths = stale(&me.deaths);
+        for target in suspects {
+            self.table.write_suspect(&target, None);
+            self.swim.forget(&target);
+        }
+        for target in deaths {
+            self.table.write_death(&target, None);
+            self.swim.forget(&target);
+        }
+    }
+
+    /// The Lifeguard local health multiplier (0 = healthy).
+    pub fn local_health(&self) -> u32 {
+        self.swim.local_health()
+    }
+
+    fn flush(&mut self, now_ms: u64) {
+        let records = self.table.take_persist_records();
+        if !records.is_empty() {
+            self.persisted_since_snapshot += records.iter().map(Vec::len).sum::<usize>();
+            self.outputs.push_back(Output::Persist(records));
+        }
+        let threshold = self.config.limits.snapshot_after_bytes.max(self.last_snapshot_len * 2);
+        if self.persisted_since_snapshot > threshold {
+            let snapshot = self.table.snapshot();
+            self.last_snapshot_len = snapshot.len();
+            self.persisted_since_snapshot = 0;
+            self.outputs.push_back(Output::Snapshot(snapshot));
+        }
+        // Push local changes to every reachable peer at once.
+        let outbox = self.table.take_outbox();
+        if !outbox.is_empty() {
+            let mut grouped: BTreeMap<DocId, Vec<Vec<u8>>> = BTreeMap::new();
+            for (doc, change) in outbox {
+                grouped.entry(doc).or_default().push(change);
+            }
+            for (doc, changes) in grouped {
+                for peer in &self.peers {
+                    self.sends.push((peer.clone(), Message::Changes { doc: doc.clone(), changes: changes.clone() }));
+                }
+            }
+        }
+        for (to, message) in self.sends.drain(..) {
+            self.outputs.push_back(Output::Send { to, message });
+        }
+        self.outputs.extend(self.task_outputs.drain(..));
+        for event in self.events.drain(..) {
+            self.outputs.push_back(Output::Event(event));
+        }
+        let _ = now_ms;
+    }
+
+    // ---------------------------------------------------------------- placement
+
+    fn evaluate_job(&mut self, now_ms: u64, job: &str) {
+        let Some(record) = self.table.job(job) else {
+            self.forget_local(job);
+            return;
+        };
+        let Some(header) = record.header.clone() else { return };
+        let spec = header.spec;
+        let states = &self.node_states;
+        let state = |n: &str| states.get(n).copied().unwrap_or(NodeState::Alive);
+        let views: Vec<InstanceView> =
+            (0..spec.count).map(|i| evaluate_instance(job, record, &spec, i, &state)).collect();
+        let stopped = !record.stops.is_empty();
+        let status = rules::job_status(stopped, &views);
+        let finished_at_ms = status.is_terminal().then(|| rules::finished_at_ms(record));
+        self.update_cache(job, &spec, status, &views, finished_at_ms);
+        for view in &views {
+            self.act_on_instance(now_ms, job, &spec, view, stopped);
+        }
+    }
+
+    fn update_cache(
+        &mut self,
+        job: &str,
+        spec: &JobSpec,
+        status: JobStatus,
+        views: &[InstanceView],
+        finished_at_ms: Option<u64>,
+    ) {
+        let instances: Vec<(InstanceStatus, Option<NodeId>)> =
+            views.iter().map(|v| (v.status, v.owner.clone())).collect();
+        let allocation: Vec<(NodeId, Resources)> = views
+            .iter()
+            .filter(|v| matches!(v.status, InstanceStatus::Claimed | InstanceStatus::Running))
+            .filter_map(|v| v.owner.clone().map(|o| (o, spec.resources)))
+            .collect();
+        let old = self.cache.remove(job).unwrap_or_default();
+        if old.status != Some(status) {
+            self.events.push(Event::Job { id: job.to_string(), status });
+        }
+        for (i, inst) in instances.iter().enumerate() {
+            if old.instances.get(i) != Some(inst) {
+                self.events.push(Event::Instance {
+                    job: job.to_string(),
+                    index: i as u32,
+                    status: inst.0,
+                    node: inst.1.clone(),
+                });
+            }
+        }
+        for (node, r) in &old.allocation {
+            if let Some(a) = self.allocated.get_mut(node) {
+                *a = a.minus(*r);
+            }
+        }
+        for (node, r) in &allocation {
+            let a = self.allocated.entry(node.clone()).or_default();
+            *a = a.plus(*r);
+        }
+        self.cache.insert(
+            job.to_string(),
+            JobCache { status: Some(status), instances, allocation, priority: spec.priority, finished_at_ms },
+        );
+    }
+
+    fn act_on_instance(&mut self, now_ms: u64, job: &str, spec: &JobSpec, view: &InstanceView, stopped: bool) {
+        let key = (job.to_string(), view.index);
+        let my_task: Option<TaskId> = self
+            .tasks
+            .iter()
+            .find(|(_, t)| t.job == job && t.index == view.index && t.stopping.is_none())
+            .map(|(id, _)| id.clone());
+        let i_own = view.owner.as_deref() == Some(self.id.as_str());
+
+        if stopped || view.status.is_terminal() {
+            if let Some(task) = my_task {
+                let reason = if stopped { "stopped" } else { "superseded" };
+                self.stop_task(&task, reason);
+            } else if self.claims.contains_key(&key) {
+                self.claims.remove(&key);
+                self.release_capacity();
+            }
+            return;
+        }
+
+        match view.status {
+            InstanceStatus::Claimed | InstanceStatus::Running if i_own => {
+                let Some(claim) = self.claims.get(&key).cloned() else {
+                    // We own it by the table but hold no local claim: a claim from before a
+                    // restart that was not yet withdrawn. Give it up.
+                    if my_task.is_none() {
+                        self.table.delete_claim(job, view.index);
+                    }
+                    return;
+                };
+                if claim.attempt != view.attempt {
+                    return;
+                }
+                if !claim.started {
+                    let start_at = claim.at_ms + self.config.timing.settle_ms;
+                    if now_ms >= start_at {
+                        self.start_task(now_ms, job, spec, view.index, view.attempt);
+                    } else {
+                        self.timers.insert((start_at, job.to_string()));
+                    }
+                }
+            }
+            InstanceStatus::Claimed | InstanceStatus::Running => {
+                // Someone else wins. If we claimed or run it, we lost: stop and withdraw.
+                if let Some(task) = my_task {
+                    self.counters.tasks_superseded += 1;
+                    self.stop_task(&task, "superseded");
+                } else if let Some(claim) = self.claims.remove(&key) {
+                    if !claim.started {
+                        self.counters.claims_lost += 1;
+                        self.table.delete_claim(job, view.index);
+                    }
+                    self.release_capacity();
+                }
+            }
+            InstanceStatus::Pending => {
+                if let Some(task) = my_task {
+                    // Our copy runs an older attempt that is no longer current.
+                    self.stop_task(&task, "superseded");
+                    return;
+                }
+                if let Some(claim) = self.claims.get(&key) {
+                    if claim.attempt == view.attempt && !claim.started {
+                        return; // our claim is written; it shows once the change lands
+                    }
+                    self.claims.remove(&key);
+                    self.release_capacity();
+                }
+                self.try_claim(now_ms, job, spec, view);
+            }
+            _ => {}
+        }
+    }
+
+    fn try_claim(&mut self, now_ms: u64, job: &str, spec: &JobSpec, view: &InstanceView) {
+        if self.mode != NodeMode::Active {
+            return;
+        }
+        if now_ms < view.not_before_ms {
+            self.timers.insert((view.not_before_ms, job.to_string()));
+            return;
+        }
+        if !spec.constraints.iter().all(|c| c.matches(&self.config.labels)) {
+            return;
+        }
+        let free = self.config.capacity.minus(self.local_allocation());
+        if !free.fits(spec.resources) {
+            // I4: never past our own capacity. Look again when something finishes here.
+            self.waiting_for_capacity.insert(job.to_string());
+            return;
+        }
+        let position = self.rank_position(job, spec, view);
+        let since = *self.pending_since.entry((job.to_string(), view.index, view.attempt)).or_insert(now_ms);
+        let due = since.max(view.not_before_ms) + u64::from(position) * self.config.timing.claim_stagger_ms;
+        if now_ms < due {
+            self.timers.insert((due, job.to_string()));
+            return;
+        }
+        let claim = Claim { attempt: view.attempt, boot: self.boot, at_ms: now_ms };
+        self.table.write_claim(job, view.index, &claim);
+        self.counters.claims += 1;
+        self.pending_since.remove(&(job.to_string(), view.index, view.attempt));
+        self.claims.insert(
+            (job.to_string(), view.index),
+            MyClaim { attempt: view.attempt, at_ms: now_ms, resources: spec.resources, started: false },
+        );
+        self.timers.insert((now_ms + self.config.timing.settle_ms, job.to_string()));
+    }
+
+    /// How many eligible nodes rank before us (capped). Eligible: alive, active, matching the
+    /// constraints, with room for the request by our view of their allocation.
+    fn rank_position(&self, job: &str, spec: &JobSpec, view: &InstanceView) -> u32 {
+        let score_of = |node: &str, capacity: Resources, allocated: Resources| {
+            let mut s = placement_score(job, view.index, view.attempt, node, capacity, allocated);
+            if spec.restart.placement == RestartPlacement::Other && view.failed_on.contains(node) {
+                s /= 1e6; // after every node that has not failed it
+            }
+            s
+        };
+        let mine = score_of(&self.id, self.config.capacity, self.local_allocation());
+        let cap = self.config.timing.max_claim_rank;
+        let mut better = 0;
+        for (id, record) in self.table.nodes() {
+            if *id == self.id {
+                continue;
+            }
+            let Some(info) = &record.info else { continue };
+            if record.mode != NodeMode::Active
+                || self.node_states.get(id).copied().unwrap_or(NodeState::Alive) != NodeState::Alive
+            {
+                continue;
+            }
+            if !spec.constraints.iter().all(|c| c.matches(&info.labels)) {
+                continue;
+            }
+            let allocated = self.allocated.get(id).copied().unwrap_or_default();
+            if !info.capacity.minus(allocated).fits(spec.resources) {
+                continue;
+            }
+            let s = score_of(id, info.capacity, allocated);
+            if s > mine || (s == mine && id < &self.id) {
+                better += 1;
+                if better >= cap {
+                    break;
+                }
+            }
+        }
+        better
+    }
+
+    fn start_task(&mut self, now_ms: u64, job: &str, spec: &JobSpec, index: u32, attempt: u32) {
+        let task = task_id(job, index, attempt);
+        if let Some(claim) = self.claims.get_mut(&(job.to_string(), index)) {
+            claim.started = true;
+        }
+        let run = Run {
+            status: RunStatus::Running,
+            boot: self.boot,
+            started_ms: now_ms,
+            finished_ms: None,
+            exit_code: None,
+            reason: None,
+        };
+        self.table.write_run(job, index, attempt, &run);
+        self.tasks.insert(
+            task.clone(),
+            LocalTask { job: job.to_string(), index, attempt, started_ms: now_ms, stopping: None },
+        );
+        self.counters.tasks_started += 1;
+        self.task_outputs.push(Output::StartTask(TaskStart {
+            task,
+            job: job.to_string(),
+            index,
+            attempt,
+            spec: spec.clone(),
+        }));
+    }
+
+    fn stop_task(&mut self, task: &str, reason: &'static str) {
+        if let Some(local) = self.tasks.get_mut(task) {
+            if local.stopping.is_none() {
+                local.stopping = Some(reason);
+                self.task_outputs.push(Output::StopTask { task: task.to_string() });
+            }
+        }
+    }
+
+    fn release_capacity(&mut self) {
+        let waiting = std::mem::take(&mut self.waiting_for_capacity);
+        self.dirty.extend(waiting);
+    }
+
+    fn has_local_work(&self, job: &str) -> bool {
+        self.tasks.values().any(|t| t.job == job)
+    }
+
+    fn forget_local(&mut self, job: &str) {
+        self.claims.retain(|(j, _), _| j != job);
+        self.pending_since.retain(|(j, _, _), _| j != job);
+        self.waiting_for_capacity.remove(job);
+        if let Some(old) = self.cache.remove(job) {
+            for (node, r) in &old.allocation {
+                if let Some(a) = self.allocated.get_mut(node) {
+                    *a = a.minus(*r);
+                }
+            }
+        }
+        let tasks: Vec<TaskId> = self.tasks.iter().filter(|(_, t)| t.job == job).map(|(id, _)| id.clone()).collect();
+        for task in tasks {
+            self.stop_task(&task, "compacted");
+        }
+    }
+
+    fn compact(&mut self, now_ms: u64) {
+        let finished: Vec<(u64, String)> = self
+            .cache
+            .iter()
+            .filter_map(|(id, c)| c.finished_at_ms.map(|at| (at, id.clone())))
+            .filter(|(_, id)| !self.has_local_work(id))
+            .collect();
+        let retention = self.config.retention.clone();
+        let doomed = rules::jobs_to_compact(&finished, now_ms, retention.finished_jobs, retention.finished_age_ms);
+        for job in doomed {
+            self.table.compact_job(&job, now_ms);
+            self.forget_local(&job);
+            self.counters.jobs_compacted += 1;
+        }
+        self.table.expire_tombstones(now_ms, retention.tombstones, retention.tombstone_age_ms);
+    }
+
+    // ---------------------------------------------------------------- anti-entropy
+
+    fn random_peer(&mut self) -> Option<NodeId> {
+        if self.peers.is_empty() {
+            return None;
+        }
+        let i = self.rng.gen_range(0..self.peers.len());
+        self.peers.iter().nth(i).cloned()
+    }
+
+    fn start_anti_entropy(&mut self) {
+        if let Some(peer) = self.random_peer() {
+            self.sends.push((peer, Message::Digest { buckets: self.table.bucket_hashes().to_vec() }));
+        }
+    }
+
+    fn on_digest(&mut self, from: &str, buckets: &[u64]) {
+        let mine = self.table.bucket_hashes();
+        if buckets.len() != BUCKETS {
+            self.counters.bad_messages += 1;
+            return;
+        }
+        let differing: Vec<usize> = (0..BUCKETS).filter(|b| mine[*b] != buckets[*b]).collect();
+        if differing.is_empty() {
+            return;
+        }
+        let mut entries = self.table.summary(&differing);
+        entries.truncate(self.config.limits.summary_entries);
+        let buckets = differing.iter().map(|b| *b as u16).collect();
+        self.sends.push((from.to_string(), Message::Summary { buckets, entries }));
+    }
+
+    fn on_summary(&mut self, from: &str, buckets: &[u16], entries: Vec<(DocId, u64)>) {
+        let buckets: Vec<usize> = buckets.iter().map(|b| usize::from(*b)).filter(|b| *b < BUCKETS).collect();
+        let theirs: BTreeMap<DocId, u64> = entries.into_iter().collect();
+        let mine: BTreeMap<DocId, u64> = self.table.summary(&buckets).into_iter().collect();
+        let mut forget = Vec::new();
+        let mut to_sync: Vec<DocId> = Vec::new();
+        for (doc, hash) in &theirs {
+            if let DocId::Job(job) = doc {
+                if self.table.is_compacted(job) {
+                    forget.push(job.clone());
+                    continue;
+                }
+            }
+            if mine.get(doc) != Some(hash) {
+                to_sync.push(doc.clone());
+            }
+        }
+        for doc in mine.keys() {
+            if !theirs.contains_key(doc) {
+                to_sync.push(doc.clone());
+            }
+        }
+        if !forget.is_empty() {
+            self.sends.push((from.to_string(), Message::Forget { jobs: forget }));
+        }
+        for doc in to_sync {
+            // A fresh session: the peer's state may have moved since any earlier one.
+            self.sessions.remove(&(from.to_string(), doc.clone()));
+            self.continue_sync(from, doc);
+        }
+    }
+
+    fn continue_sync(&mut self, peer: &str, doc: DocId) {
+        if self.sessions.len() >= self.config.limits.sync_sessions {
+            self.sessions.clear();
+        }
+        let key = (peer.to_string(), doc.clone());
+        let mut session = self.sessions.remove(&key).unwrap_or_default();
+        match self.table.generate_sync(&doc, &mut session) {
+            Some(data) => {
+                self.sends.push((peer.to_string(), Message::Sync { doc, data }));
+                self.sessions.insert(key, session);
+            }
+            None => {} // in sync: the session is dropped to keep memory bounded
+        }
+    }
+
+    fn on_sync(&mut self, from: &str, doc: DocId, data: &[u8]) {
+        if let DocId::Job(job) = &doc {
+            if self.table.is_compacted(job) {
+                self.sends.push((from.to_string(), Message::Forget { jobs: vec![job.clone()] }));
+                return;
+            }
+        }
+        let key = (from.to_string(), doc.clone());
+        let mut session = self.sessions.remove(&key).unwrap_or_default();
+        if self.table.receive_sync(&doc, &mut session, data).is_err() {
+            self.counters.bad_messages += 1;
+            return;
+        }
+        self.sessions.insert(key, session);
+        self.continue_sync(from, doc);
+    }
+
+    // ---------------------------------------------------------------- failure detection
+
+    fn on_ack(&mut self, now_ms: u64, from: &str, seq: u64) {
+        match self.swim.on_ack(now_ms, seq) {
+            swim::AckOutcome::Relay { origin, seq } => self.sends.push((origin, Message::Ack { seq })),
+            swim::AckOutcome::Alive { target } => self.clear_suspicion(&target),
+            swim::AckOutcome::Unknown => {
+                let _ = from;
+            }
+        }
+    }
+
+    fn clear_suspicion(&mut self, target: &str) {
+        let Some(record) = self.table.node(&self.id) else { return };
+        let suspected = record.suspects.contains_key(target);
+        let certified = record.deaths.contains_key(target);
+        if suspected {
+            self.table.write_suspect(target, None);
+        }
+        if certified {
+            self.table.write_death(target, None);
+        }
+    }
+
+    fn watched_nodes(&self) -> Vec<NodeId> {
+        let mut ring: Vec<(u64, &NodeId)> = self
+            .table
+            .nodes()
+            .filter(|(id, r)| {
+                r.info.is_some() && (*id == &self.id || self.node_states.get(*id).is_some_and(|s| s.counts()))
+            })
+            .map(|(id, _)| (colony_crdt::hash::stable_hash(id.as_bytes()), id))
+            .collect();
+        ring.sort();
+        let Some(me) = ring.iter().position(|(_, id)| **id == self.id) else { return Vec::new() };
+        let n = ring.len();
+        let k = self.config.timing.care_takers.min(n.saturating_sub(1));
+        // We watch the k nodes before us on the ring; each node is watched by the k after it.
+        (1..=k).map(|d| ring[(me + n - d) % n].1.clone()).collect()
+    }
+
+    fn run_failure_detector(&mut self, now_ms: u64) {
+        if self.mode == NodeMode::Left {
+            return;
+        }
+        if self.swim.probe_due(now_ms) {
+            let watched = self.watched_nodes();
+            for target in watched {
+                if let Some(seq) = self.swim.start_probe(now_ms, &target) {
+                    self.sends.push((target, Message::Ping { seq }));
+                }
+            }
+        }
+        let expired = self.swim.expire(now_ms);
+        for event in expired {
+            match event {
+                swim::Expired::NeedIndirect { target, seq } => {
+                    let helpers: Vec<NodeId> = {
+                        let candidates: Vec<NodeId> = self
+                            .peers
+                            .iter()
+                            .filter(|p| **p != target && self.node_states.get(*p).is_none_or(|s| s.counts()))
+                            .cloned()
+                            .collect();
+                        let mut chosen = Vec::new();
+                        let mut pool = candidates;
+                        while chosen.len() < self.config.timing.indirect_probes && !pool.is_empty() {
+                            let i = self.rng.gen_range(0..pool.len());
+                            chosen.push(pool.swap_remove(i));
+                        }
+                        chosen
+                    };
+                    for helper in helpers {
+                        self.sends.push((helper, Message::PingReq { seq, target: target.clone() }));
+                    }
+                }
+                swim::Expired::Suspect { target } => {
+                    let inc = self.table.node(&target).map_or(0, |r| r.incarnation);
+                    let already = self.table.node(&self.id).is_some_and(|r| r.suspects.get(&target) == Some(&inc));
+                    if !already {
+                        self.table.write_suspect(&target, Some(inc));
+                    }
+                }
+            }
+        }
+        for target in self.swim.suspicions_due(now_ms) {
+            let inc = self.table.node(&target).map_or(0, |r| r.incarnation);
+            let already = self.table.node(&self.id).is_some_and(|r| r.deaths.get(&target) == Some(&inc));
+            if !already {
+                self.table.write_death(&target, Some(inc));
+                self.counters.deaths_written += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,178 @@
+//! SWIM-style probing with Lifeguard's local health multiplier. Pure bookkeeping: the engine
+//! decides whom to probe and writes what enters the table; this module only tracks
+//! outstanding probes and deadlines. Probes and acks never enter the CRDT.
+
+use super::config::Timing;
+use colony_crdt::NodeId;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Direct,
+    Indirect,
+}
+
+#[derive(Debug, Clone)]
+struct Probe {
+    target: NodeId,
+    phase: Phase,
+    deadline_ms: u64,
+}
+
+/// What an `Ack` meant.
+pub(crate) enum AckOutcome {
+    /// We relayed this probe for `origin`: forward the ack with its `seq`.
+    Relay { origin: NodeId, seq: u64 },
+    /// Our probe of `target` was answered.
+    Alive { target: NodeId },
+    /// A late or unknown ack.
+    Unknown,
+}
+
+/// A probe deadline that passed.
+pub(crate) enum Expired {
+    /// The direct probe went unanswered: ask others to probe (same `seq`).
+    NeedIndirect { target: NodeId, seq: u64 },
+    /// The indirect probes went unanswered too: suspect `target`.
+    Suspect { target: NodeId },
+}
+
+pub(crate) struct Swim {
+    probe_interval_ms: u64,
+    probe_timeout_ms: u64,
+    suspicion_ms: u64,
+    max_local_health: u32,
+    next_probe_ms: u64,
+    seq: u64,
+    probes: BTreeMap<u64, Probe>,
+    probing: BTreeMap<NodeId, u64>,
+    relays: BTreeMap<u64, (NodeId, u64, u64)>,
+    suspected: BTreeMap<NodeId, u64>,
+    local_health: u32,
+}
+
+impl Swim {
+    pub fn new(timing: &Timing, now_ms: u64) -> Swim {
+        Swim {
+            probe_interval_ms: timing.probe_interval_ms,
+            probe_timeout_ms: timing.probe_timeout_ms,
+            suspicion_ms: timing.suspicion_ms,
+            max_local_health: timing.max_local_health,
+            next_probe_ms: now_ms,
+            seq: 0,
+            probes: BTreeMap::new(),
+            probing: BTreeMap::new(),
+            relays: BTreeMap::new(),
+            suspected: BTreeMap::new(),
+            local_health: 0,
+        }
+    }
+
+    fn scale(&self, ms: u64) -> u64 {
+        ms * (1 + u64::from(self.local_health))
+    }
+
+    /// The local health multiplier (0 = healthy).
+    pub fn local_health(&self) -> u32 {
+        self.local_health
+    }
+
+    pub fn next_deadline_ms(&self) -> u64 {
+        let mut t = self.next_probe_ms;
+        for p in self.probes.values() {
+            t = t.min(p.deadline_ms);
+        }
+        for (_, _, deadline) in self.relays.values() {
+            t = t.min(*deadline);
+        }
+        for since in self.suspected.values() {
+            t = t.min(since + self.scale(self.suspicion_ms));
+        }
+        t
+    }
+
+    pub fn probe_due(&mut self, now_ms: u64) -> bool {
+        if now_ms < self.next_probe_ms {
+            return false;
+        }
+        self.next_probe_ms = now_ms + self.probe_interval_ms;
+        true
+    }
+
+    /// Starts a direct probe of `target` unless one is outstanding. Returns its seq.
+    pub fn start_probe(&mut self, now_ms: u64, target: &str) -> Option<u64> {
+        if self.probing.contains_key(target) {
+            return None;
+        }
+        self.seq += 1;
+        let seq = self.seq;
+        let deadline_ms = now_ms + self.scale(self.probe_timeout_ms);
+        self.probes.insert(seq, Probe { target: target.to_string(), phase: Phase::Direct, deadline_ms });
+        self.probing.insert(target.to_string(), seq);
+        Some(seq)
+    }
+
+    /// Registers a probe made on `origin`'s behalf; returns the seq to ping the target with.
+    pub fn start_relay(&mut self, now_ms: u64, origin: &str, origin_seq: u64) -> u64 {
+        self.seq += 1;
+        let deadline = now_ms + self.scale(self.probe_timeout_ms) * 2;
+        self.relays.insert(self.seq, (origin.to_string(), origin_seq, deadline));
+        self.seq
+    }
+
+    pub fn on_ack(&mut self, _now_ms: u64, seq: u64) -> AckOutcome {
+        if let Some((origin, origin_seq, _)) = self.relays.remove(&seq) {
+            return AckOutcome::Relay { origin, seq: origin_seq };
+        }
+        let Some(probe) = self.probes.remove(&seq) else { return AckOutcome::Unknown };
+        self.probing.remove(&probe.target);
+        self.suspected.remove(&probe.target);
+        self.local_health = self.local_health.saturating_sub(1);
+        AckOutcome::Alive { target: probe.target }
+    }
+
+    pub fn expire(&mut self, now_ms: u64) -> Vec<Expired> {
+        let mut out = Vec::new();
+        let due: Vec<u64> = self.probes.iter().filter(|(_, p)| p.deadline_ms <= now_ms).map(|(s, _)| *s).collect();
+        for seq in due {
+            let Some(probe) = self.probes.get(&seq).cloned() else { continue };
+            match probe.phase {
+                Phase::Direct => {
+                    // Lifeguard: a missed answer is first a hint that *we* are slow.
+                    self.local_health = (self.local_health + 1).min(self.max_local_health);
+                    let deadline_ms = now_ms + self.scale(self.probe_timeout_ms) * 2;
+                    self.probes.insert(seq, Probe { phase: Phase::Indirect, deadline_ms, ..probe.clone() });
+                    out.push(Expired::NeedIndirect { target: probe.target, seq });
+                }
+                Phase::Indirect => {
+                    self.probes.remove(&seq);
+                    self.probing.remove(&probe.target);
+                    self.suspected.entry(probe.target.clone()).or_insert(now_ms);
+                    out.push(Expired::Suspect { target: probe.target });
+                }
+            }
+        }
+        self.relays.retain(|_, (_, _, deadline)| *deadline > now_ms);
+        out
+    }
+
+    /// Suspects whose suspicion timed out without an answer: to be certified dead. Each is
+    /// returned once.
+    pub fn suspicions_due(&mut self, now_ms: u64) -> Vec<NodeId> {
+        let timeout = self.scale(self.suspicion_ms);
+        let due: Vec<NodeId> =
+            self.suspected.iter().filter(|(_, since)| now_ms >= **since + timeout).map(|(t, _)| t.clone()).collect();
+        for t in &due {
+            self.suspected.remove(t);
+        }
+        due
+    }
+
+    /// Forgets a target (it refuted, left, or is no longer watched).
+    pub fn forget(&mut self, target: &str) {
+        self.suspected.remove(target);
+        if let Some(seq) = self.probing.remove(target) {
+            self.probes.remove(&seq);
+        }
+    }
+}
