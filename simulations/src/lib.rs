@@ -1,1 +1,882 @@
-//! placeholder
+//! `colony-sim`: the offline partition simulator.
+//!
+//! It runs N node cores ([`colony::engine::Engine`], exactly the code the daemon runs) over a
+//! simulated network with virtual time. It injects message loss, delay, duplication and
+//! reordering; partitions (halves, an isolated node, a bridge node, a majorities ring, one-way
+//! cuts); crashes with restart from the node's durable bytes (unsynced writes lost); and
+//! pauses. A workload submits jobs to random nodes throughout. After the fault phase, a
+//! liveness phase heals everything and runs to quiescence, then the checkers run.
+//!
+//! A run is a pure function of its config and seed: `colony-sim run --seed S` replays it.
+//! It does not use tokio, libp2p, threads (within a run), clocks or unseeded randomness.
+
+use colony::engine::{Engine, EngineConfig, Message, Output, Retention, Timing};
+use colony_crdt::{JobKind, JobSpec, Resources, RestartPolicy};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+
+/// A kind of fault the simulator can inject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Fault {
+    /// Random message loss (up to 30%) for a while.
+    Loss,
+    /// Extra message delay (up to 300 ms) for a while.
+    Delay,
+    /// Messages delivered twice.
+    Duplicate,
+    /// Messages overtaking each other (wide delay jitter).
+    Reorder,
+    /// The cluster split into two halves.
+    Halves,
+    /// One node cut off from all others.
+    Isolate,
+    /// Two halves, and one node that sees both.
+    Bridge,
+    /// Each node sees only a majority: its neighbours on a ring.
+    Ring,
+    /// Messages from one node to another dropped, the other way not.
+    OneWay,
+    /// A node crashes, losing unsynced writes, and restarts from disk.
+    Crash,
+    /// A node stops processing for a while (SIGSTOP), then resumes.
+    Pause,
+}
+
+impl Fault {
+    /// Every fault: the default mix.
+    pub const ALL: [Fault; 11] = [
+        Fault::Loss,
+        Fault::Delay,
+        Fault::Duplicate,
+        Fault::Reorder,
+        Fault::Halves,
+        Fault::Isolate,
+        Fault::Bridge,
+        Fault::Ring,
+        Fault::OneWay,
+        Fault::Crash,
+        Fault::Pause,
+    ];
+
+    /// The fault's name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::Loss => "loss",
+            Fault::Delay => "delay",
+            Fault::Duplicate => "duplicate",
+            Fault::Reorder => "reorder",
+            Fault::Halves => "halves",
+            Fault::Isolate => "isolate",
+            Fault::Bridge => "bridge",
+            Fault::Ring => "ring",
+            Fault::OneWay => "oneway",
+            Fault::Crash => "crash",
+            Fault::Pause => "pause",
+        }
+    }
+
+    /// Parses a comma-separated list (`all` and `none` allowed).
+    pub fn parse_list(s: &str) -> Result<Vec<Fault>, String> {
+        let mut out = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part {
+                "all" => out.extend(Fault::ALL),
+                "none" => {}
+                name => match Fault::ALL.iter().find(|f| f.name() == name) {
+                    Some(f) => out.push(*f),
+                    None => {
+                        let known: Vec<&str> = Fault::ALL.iter().map(|f| f.name()).collect();
+                        return Err(format!("unknown fault `{name}`; known: all, none, {}", known.join(", ")));
+                    }
+                },
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+}
+
+/// One simulation's parameters.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Nodes.
+    pub nodes: usize,
+    /// Jobs submitted during the fault phase.
+    pub jobs: usize,
+    /// The seed.
+    pub seed: u64,
+    /// Faults injected.
+    pub faults: Vec<Fault>,
+    /// Virtual length of the fault phase.
+    pub fault_phase_ms: u64,
+    /// The liveness phase gives up after this long.
+    pub max_liveness_ms: u64,
+    /// Share of jobs that are long-running services.
+    pub service_share: f64,
+    /// Share of jobs stopped by a user shortly after submission.
+    pub stop_share: f64,
+    /// Each node's capacity.
+    pub capacity: Resources,
+    /// Engine timings.
+    pub timing: Timing,
+    /// Engine retention.
+    pub retention: Retention,
+    /// Print scenario steps to stderr.
+    pub trace: bool,
+}
+
+impl SimConfig {
+    /// Defaults for `nodes` and `jobs` with every fault.
+    pub fn new(nodes: usize, jobs: usize, seed: u64) -> SimConfig {
+        SimConfig {
+            nodes,
+            jobs,
+            seed,
+            faults: Fault::ALL.to_vec(),
+            fault_phase_ms: 30_000,
+            max_liveness_ms: 120_000,
+            service_share: 0.05,
+            stop_share: 0.03,
+            capacity: Resources { cpu_millis: 8_000, memory_mb: 16_384 },
+            timing: Timing::default(),
+            retention: Retention::default(),
+            trace: false,
+        }
+    }
+}
+
+/// What one run found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunResult {
+    /// The seed.
+    pub seed: u64,
+    /// Submissions acknowledged (durable on the accepting node).
+    pub acknowledged: usize,
+    /// Submissions refused (node down or paused).
+    pub unacknowledged: usize,
+    /// Acknowledged jobs with an instance that never completed (batch) or is not running at
+    /// rest (service). Must be 0 (I2).
+    pub lost_jobs: Vec<String>,
+    /// Whether every node ended with the same digest (I1).
+    pub converged: bool,
+    /// Virtual ms from the heal to identical digests.
+    pub convergence_ms: Option<u64>,
+    /// Instances with more than one running copy, or a running copy that is not the winner, at
+    /// rest (I3).
+    pub multi_owner_instances_at_rest: usize,
+    /// Runs beyond one per (instance, attempt): copies that ran concurrently.
+    pub duplicate_runs: usize,
+    /// Task starts that took a node past its capacity (I4).
+    pub capacity_violations: usize,
+    /// Death certificates written while no fault was active (no false positives).
+    pub false_deaths: usize,
+    /// Messages delivered.
+    pub messages: u64,
+    /// Virtual ms the run lasted.
+    pub virtual_ms: u64,
+    /// Task starts.
+    pub task_starts: u64,
+    /// Fault episodes injected, by kind.
+    pub faults_injected: BTreeMap<String, usize>,
+}
+
+impl RunResult {
+    /// Whether every invariant held.
+    pub fn ok(&self) -> bool {
+        self.lost_jobs.is_empty()
+            && self.converged
+            && self.multi_owner_instances_at_rest == 0
+            && self.capacity_violations == 0
+            && self.false_deaths == 0
+    }
+}
+
+#[derive(Debug)]
+enum Ev {
+    Deliver { to: usize, from: usize, message: Message },
+    Wake { node: usize },
+    TaskExit { node: usize, boot: u64, task: String, code: i32 },
+    Submit { job: usize },
+    Stop { job: usize },
+    FaultStart { fault: Fault },
+    FaultEnd { episode: u64 },
+    Restart { node: usize },
+    Unpause { node: usize },
+    Fsync { node: usize },
+    Heal,
+    Check,
+}
+
+#[derive(Default)]
+struct Disk {
+    snapshot: Option<Vec<u8>>,
+    records: Vec<Vec<u8>>,
+    pending: Vec<Output>,
+    fsync_scheduled: bool,
+}
+
+impl Disk {
+    fn fsync(&mut self) {
+        for op in self.pending.drain(..) {
+            match op {
+                Output::Persist(records) => self.records.extend(records),
+                Output::Snapshot(bytes) => {
+                    self.snapshot = Some(bytes);
+                    self.records.clear();
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+struct RunningTask {
+    job: String,
+    index: u32,
+    attempt: u32,
+    resources: Resources,
+    stopping: bool,
+}
+
+struct SimNode {
+    id: String,
+    engine: Option<Engine>,
+    boot: u64,
+    disk: Disk,
+    paused_until: Option<u64>,
+    wake_at: Option<u64>,
+    tasks: BTreeMap<String, RunningTask>,
+}
+
+#[derive(Default, Clone)]
+struct NetState {
+    loss: f64,
+    extra_delay_ms: u64,
+    duplicate: f64,
+    jitter_ms: u64,
+    /// Partition group per node; `None` = no partition. Group u32::MAX reaches every group.
+    groups: Option<Vec<u32>>,
+    /// Majorities ring: each node reaches nodes within this ring distance.
+    ring_reach: Option<usize>,
+    cuts: BTreeSet<(usize, usize)>,
+}
+
+struct Workload {
+    spec: JobSpec,
+    fail_attempts: u32,
+    duration_ms: u64,
+}
+
+/// A single simulation run.
+pub struct Sim {
+    config: SimConfig,
+    rng: ChaCha8Rng,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    events: BTreeMap<usize, Ev>,
+    next_event_slot: usize,
+    nodes: Vec<SimNode>,
+    net: NetState,
+    active_faults: BTreeMap<u64, (Fault, Vec<usize>)>,
+    episode: u64,
+    workload: Vec<Workload>,
+    acked: BTreeMap<String, usize>,
+    stopped_jobs: BTreeSet<String>,
+    job_ids: BTreeMap<usize, String>,
+    completions: BTreeMap<(String, u32), u32>,
+    starts: BTreeMap<(String, u32, u32), u32>,
+    heal_at: Option<u64>,
+    healthy_since: u64,
+    deaths_seen: u64,
+    result: RunResult,
+}
+
+const DEFAULT_LATENCY_MS: u64 = 1;
+
+impl Sim {
+    /// Sets a run up.
+    pub fn new(config: SimConfig) -> Sim {
+        let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+        let nodes = (0..config.nodes)
+            .map(|i| SimNode {
+                id: format!("node-{i:04}"),
+                engine: None,
+                boot: 0,
+                disk: Disk::default(),
+                paused_until: None,
+                wake_at: None,
+                tasks: BTreeMap::new(),
+            })
+            .collect();
+        let workload = (0..config.jobs).map(|j| make_workload(&mut rng, &config, j)).collect();
+        let result = RunResult { seed: config.seed, ..RunResult::default() };
+        Sim {
+            rng,
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            events: BTreeMap::new(),
+            next_event_slot: 0,
+            nodes,
+            net: NetState::default(),
+            active_faults: BTreeMap::new(),
+            episode: 0,
+            workload,
+            acked: BTreeMap::new(),
+            stopped_jobs: BTreeSet::new(),
+            job_ids: BTreeMap::new(),
+            completions: BTreeMap::new(),
+            starts: BTreeMap::new(),
+            heal_at: None,
+            healthy_since: 0,
+            deaths_seen: 0,
+            result,
+            config,
+        }
+    }
+
+    fn schedule(&mut self, at: u64, ev: Ev) {
+        self.seq += 1;
+        let slot = self.next_event_slot;
+        self.next_event_slot += 1;
+        self.events.insert(slot, ev);
+        self.queue.push(Reverse((at, self.seq, slot)));
+    }
+
+    fn trace(&self, what: impl FnOnce() -> String) {
+        if self.config.trace {
+            eprintln!("[{:>7} ms] {}", self.now, what());
+        }
+    }
+
+    fn node_config(&self, i: usize) -> EngineConfig {
+        let mut c = EngineConfig::new(format!("n{i}"), self.config.capacity);
+        c.timing = self.config.timing.clone();
+        c.retention = self.config.retention.clone();
+        c
+    }
+
+    fn boot_node(&mut self, i: usize) {
+        let seed = self.rng.gen();
+        let config = self.node_config(i);
+        let node = &mut self.nodes[i];
+        node.boot += 1;
+        let restored = if node.boot == 1 { None } else { Some((node.disk.snapshot.as_deref(), &node.disk.records[..])) };
+        let engine = Engine::new(node.id.clone(), config, seed, self.now, restored)
+            .unwrap_or_else(|e| panic!("node {i} failed to restore its own durable state: {e}"));
+        node.engine = Some(engine);
+        node.wake_at = None;
+        let ids: Vec<String> = self.nodes.iter().map(|n| n.id.clone()).collect();
+        for (j, id) in ids.iter().enumerate() {
+            if j != i {
+                if let Some(e) = self.nodes[i].engine.as_mut() {
+                    e.handle_peer_up(self.now, id.clone());
+                }
+            }
+        }
+        self.drain_outputs(i);
+    }
+
+    /// Runs to the end and returns what the checkers found.
+    pub fn run(mut self) -> RunResult {
+        for i in 0..self.nodes.len() {
+            self.boot_node(i);
+        }
+        // Workload: submissions spread over the fault phase.
+        let phase = self.config.fault_phase_ms;
+        for job in 0..self.workload.len() {
+            let at = self.rng.gen_range(100..phase.max(200));
+            self.schedule(at, Ev::Submit { job });
+            if self.rng.gen_bool(self.config.stop_share) {
+                let delay = self.rng.gen_range(200..3_000);
+                self.schedule(at + delay, Ev::Stop { job });
+            }
+        }
+        // Faults: episodes one after another with quiet gaps, each kind drawn from the mix.
+        if !self.config.faults.is_empty() {
+            let mut t = 1_000;
+            while t + 1_000 < phase {
+                let fault = self.config.faults[self.rng.gen_range(0..self.config.faults.len())];
+                self.schedule(t, Ev::FaultStart { fault });
+                t += self.rng.gen_range(3_000..8_000);
+            }
+        }
+        self.schedule(phase, Ev::Heal);
+        self.run_events();
+        self.finish()
+    }
+
+    fn run_events(&mut self) {
+        while let Some(Reverse((at, _, slot))) = self.queue.pop() {
+            let Some(ev) = self.events.remove(&slot) else { continue };
+            self.now = at;
+            if let Some(heal) = self.heal_at {
+                if at > heal + self.config.max_liveness_ms {
+                    break;
+                }
+            }
+            if self.step(ev) {
+                break;
+            }
+        }
+    }
+
+    fn step(&mut self, ev: Ev) -> bool {
+        // Events for a paused node wait until it resumes, in their original order.
+        let target = match &ev {
+            Ev::Deliver { to, .. } => Some(*to),
+            Ev::Wake { node } | Ev::TaskExit { node, .. } => Some(*node),
+            _ => None,
+        };
+        if let Some(node) = target {
+            if let Some(until) = self.nodes[node].paused_until {
+                self.schedule(until, ev);
+                return false;
+            }
+        }
+        match ev {
+            Ev::Deliver { to, from, message } => self.deliver(to, from, message),
+            Ev::Wake { node } => self.wake(node),
+            Ev::TaskExit { node, boot, task, code } => self.task_exit(node, boot, &task, code),
+            Ev::Submit { job } => self.submit(job),
+            Ev::Stop { job } => self.stop(job),
+            Ev::FaultStart { fault } => self.fault_start(fault),
+            Ev::FaultEnd { episode } => self.fault_end(episode),
+            Ev::Restart { node } => {
+                if self.nodes[node].engine.is_none() {
+                    self.trace(|| format!("restart n{node}"));
+                    self.boot_node(node);
+                }
+            }
+            Ev::Unpause { node } => {
+                if self.nodes[node].paused_until.take().is_some() {
+                    self.trace(|| format!("resume n{node}"));
+                    self.reschedule_wake(node);
+                }
+            }
+            Ev::Fsync { node } => {
+                self.nodes[node].disk.fsync();
+                self.nodes[node].disk.fsync_scheduled = false;
+            }
+            Ev::Heal => self.heal(),
+            Ev::Check => return self.check(),
+        }
+        false
+    }
+
+    fn deliver(&mut self, to: usize, from: usize, message: Message) {
+        if !self.reachable(from, to) {
+            return;
+        }
+        let from_id = self.nodes[from].id.clone();
+        let Some(engine) = self.nodes[to].engine.as_mut() else { return };
+        self.result.messages += 1;
+        engine.handle_message(self.now, &from_id, message);
+        self.drain_outputs(to);
+    }
+
+    fn wake(&mut self, node: usize) {
+        if self.nodes[node].wake_at != Some(self.now) {
+            return; // stale
+        }
+        self.nodes[node].wake_at = None;
+        let Some(engine) = self.nodes[node].engine.as_mut() else { return };
+        engine.handle_timeout(self.now);
+        self.drain_outputs(node);
+    }
+
+    fn reschedule_wake(&mut self, node: usize) {
+        let Some(engine) = self.nodes[node].engine.as_ref() else { return };
+        let at = engine.poll_timeout().max(self.now + 1);
+        if self.nodes[node].wake_at.is_none_or(|w| at < w || w < self.now) {
+            self.nodes[node].wake_at = Some(at);
+            self.schedule(at, Ev::Wake { node });
+        }
+    }
+
+    fn task_exit(&mut self, node: usize, boot: u64, task: &str, code: i32) {
+        if self.nodes[node].boot != boot || self.nodes[node].engine.is_none() {
+            return; // the process died with its node
+        }
+        let Some(t) = self.nodes[node].tasks.remove(task) else { return };
+        if code == 0 && !t.stopping {
+            *self.completions.entry((t.job.clone(), t.index)).or_default() += 1;
+        }
+        let _ = t.attempt;
+        if let Some(engine) = self.nodes[node].engine.as_mut() {
+            engine.handle_task_exited(self.now, task, code);
+        }
+        self.drain_outputs(node);
+    }
+
+    fn submit(&mut self, job: usize) {
+        let node = self.rng.gen_range(0..self.nodes.len());
+        let up = self.nodes[node].engine.is_some() && self.nodes[node].paused_until.is_none();
+        if !up {
+            self.result.unacknowledged += 1;
+            return;
+        }
+        let spec = self.workload[job].spec.clone();
+        let now = self.now;
+        let Some(engine) = self.nodes[node].engine.as_mut() else { return };
+        match engine.submit(now, spec) {
+            Ok(id) => {
+                self.drain_outputs(node);
+                // The acknowledgement waits for fsync, as in the daemon.
+                self.nodes[node].disk.fsync();
+                self.trace(|| format!("submit job {job} as {id} on n{node}"));
+                self.acked.insert(id.clone(), job);
+                self.job_ids.insert(job, id);
+                self.result.acknowledged += 1;
+            }
+            Err(_) => self.result.unacknowledged += 1,
+        }
+    }
+
+    fn stop(&mut self, job: usize) {
+        let Some(id) = self.job_ids.get(&job).cloned() else { return };
+        let node = self.rng.gen_range(0..self.nodes.len());
+        if self.nodes[node].paused_until.is_some() {
+            return;
+        }
+        let now = self.now;
+        let Some(engine) = self.nodes[node].engine.as_mut() else { return };
+        if engine.stop_job(now, &id).is_ok() {
+            self.drain_outputs(node);
+            self.nodes[node].disk.fsync();
+            self.stopped_jobs.insert(id);
+        }
+    }
+
+    fn drain_outputs(&mut self, node: usize) {
+        loop {
+            let Some(engine) = self.nodes[node].engine.as_mut() else { return };
+            let Some(output) = engine.poll_output() else { break };
+            match output {
+                Output::Persist(_) | Output::Snapshot(_) => {
+                    let disk = &mut self.nodes[node].disk;
+                    disk.pending.push(output);
+                    if !disk.fsync_scheduled {
+                        disk.fsync_scheduled = true;
+                        self.schedule(self.now + 20, Ev::Fsync { node });
+                    }
+                }
+                Output::Send { to, message } => self.send(node, &to, message),
+                Output::StartTask(start) => {
+                    let used = self.nodes[node].tasks.values().fold(Resources::default(), |a, t| a.plus(t.resources));
+                    if !self.config.capacity.minus(used).fits(start.spec.resources) {
+                        self.result.capacity_violations += 1;
+                    }
+                    *self.starts.entry((start.job.clone(), start.index, start.attempt)).or_default() += 1;
+                    self.result.task_starts += 1;
+                    let work = self.acked.get(&start.job).map(|j| (&self.workload[*j].fail_attempts, self.workload[*j].duration_ms));
+                    let (fail_attempts, duration) = match work {
+                        Some((f, d)) => (*f, d),
+                        None => (0, 500),
+                    };
+                    let boot = self.nodes[node].boot;
+                    self.nodes[node].tasks.insert(
+                        start.task.clone(),
+                        RunningTask {
+                            job: start.job.clone(),
+                            index: start.index,
+                            attempt: start.attempt,
+                            resources: start.spec.resources,
+                            stopping: false,
+                        },
+                    );
+                    if start.spec.kind == JobKind::Batch {
+                        let code = if start.attempt < fail_attempts { 1 } else { 0 };
+                        self.schedule(self.now + duration, Ev::TaskExit { node, boot, task: start.task, code });
+                    }
+                }
+                Output::StopTask { task } => {
+                    let boot = self.nodes[node].boot;
+                    if let Some(t) = self.nodes[node].tasks.get_mut(&task) {
+                        t.stopping = true;
+                        self.schedule(self.now + 5, Ev::TaskExit { node, boot, task, code: 143 });
+                    }
+                }
+                Output::Event(_) => {}
+            }
+        }
+        let deaths: u64 = self.nodes[node].engine.as_ref().map_or(0, |e| e.counters().deaths_written);
+        let _ = deaths;
+        self.reschedule_wake(node);
+    }
+
+    fn index_of(&self, id: &str) -> Option<usize> {
+        id.strip_prefix("node-").and_then(|s| s.parse().ok()).filter(|i: &usize| *i < self.nodes.len())
+    }
+
+    fn send(&mut self, from: usize, to: &str, message: Message) {
+        let Some(to) = self.index_of(to) else { return };
+        if !self.reachable(from, to) || (self.net.loss > 0.0 && self.rng.gen_bool(self.net.loss)) {
+            return;
+        }
+        let jitter = if self.net.jitter_ms > 0 { self.rng.gen_range(0..=self.net.jitter_ms) } else { 0 };
+        let delay = DEFAULT_LATENCY_MS + self.net.extra_delay_ms + jitter;
+        if self.net.duplicate > 0.0 && self.rng.gen_bool(self.net.duplicate) {
+            let extra = self.rng.gen_range(0..50);
+            self.schedule(self.now + delay + extra, Ev::Deliver { to, from, message: message.clone() });
+        }
+        self.schedule(self.now + delay, Ev::Deliver { to, from, message });
+    }
+
+    fn reachable(&self, from: usize, to: usize) -> bool {
+        if self.net.cuts.contains(&(from, to)) {
+            return false;
+        }
+        if let Some(groups) = &self.net.groups {
+            let (a, b) = (groups[from], groups[to]);
+            if a != b && a != u32::MAX && b != u32::MAX {
+                return false;
+            }
+        }
+        if let Some(reach) = self.net.ring_reach {
+            let n = self.nodes.len();
+            let d = from.abs_diff(to);
+            if d.min(n - d) > reach {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn random_live_node(&mut self) -> Option<usize> {
+        let live: Vec<usize> =
+            (0..self.nodes.len()).filter(|i| self.nodes[*i].engine.is_some() && self.nodes[*i].paused_until.is_none()).collect();
+        if live.is_empty() {
+            return None;
+        }
+        Some(live[self.rng.gen_range(0..live.len())])
+    }
+
+    fn fault_start(&mut self, fault: Fault) {
+        if self.heal_at.is_some() {
+            return;
+        }
+        self.episode += 1;
+        let episode = self.episode;
+        let n = self.nodes.len();
+        let duration = self.rng.gen_range(1_000..4_000);
+        *self.result.faults_injected.entry(fault.name().to_string()).or_default() += 1;
+        let mut touched = Vec::new();
+        match fault {
+            Fault::Loss => self.net.loss = self.rng.gen_range(0.05..0.30),
+            Fault::Delay => self.net.extra_delay_ms = self.rng.gen_range(20..300),
+            Fault::Duplicate => self.net.duplicate = self.rng.gen_range(0.05..0.3),
+            Fault::Reorder => self.net.jitter_ms = self.rng.gen_range(20..200),
+            Fault::Halves => {
+                let cut = n / 2;
+                let mut order: Vec<usize> = (0..n).collect();
+                shuffle(&mut self.rng, &mut order);
+                let mut groups = vec![0; n];
+                for (k, i) in order.iter().enumerate() {
+                    groups[*i] = u32::from(k >= cut.max(1));
+                }
+                self.net.groups = Some(groups);
+            }
+            Fault::Isolate => {
+                let victim = self.rng.gen_range(0..n);
+                let mut groups = vec![0; n];
+                groups[victim] = 1;
+                self.net.groups = Some(groups);
+            }
+            Fault::Bridge => {
+                let mut groups: Vec<u32> = (0..n).map(|i| (i % 2) as u32).collect();
+                let bridge = self.rng.gen_range(0..n);
+                groups[bridge] = u32::MAX;
+                self.net.groups = Some(groups);
+            }
+            Fault::Ring => {
+                let visible = n / 2 + 1;
+                self.net.ring_reach = Some((visible / 2).max(1));
+            }
+            Fault::OneWay => {
+                if n >= 2 {
+                    let a = self.rng.gen_range(0..n);
+                    let b = (a + self.rng.gen_range(1..n)) % n;
+                    self.net.cuts.insert((a, b));
+                }
+            }
+            Fault::Crash => {
+                if let Some(victim) = self.random_live_node() {
+                    self.trace(|| format!("crash n{victim}"));
+                    let node = &mut self.nodes[victim];
+                    node.engine = None;
+                    node.disk.pending.clear(); // unsynced writes are lost
+                    node.tasks.clear(); // its processes die with it
+                    node.wake_at = None;
+                    touched.push(victim);
+                    self.schedule(self.now + duration, Ev::Restart { node: victim });
+                }
+            }
+            Fault::Pause => {
+                if let Some(victim) = self.random_live_node() {
+                    self.trace(|| format!("pause n{victim}"));
+                    self.nodes[victim].paused_until = Some(self.now + duration);
+                    touched.push(victim);
+                    self.schedule(self.now + duration, Ev::Unpause { node: victim });
+                }
+            }
+        }
+        self.trace(|| format!("fault {} for {duration} ms", fault.name()));
+        self.active_faults.insert(episode, (fault, touched));
+        self.schedule(self.now + duration, Ev::FaultEnd { episode });
+    }
+
+    fn fault_end(&mut self, episode: u64) {
+        let Some((fault, _)) = self.active_faults.remove(&episode) else { return };
+        match fault {
+            Fault::Loss => self.net.loss = 0.0,
+            Fault::Delay => self.net.extra_delay_ms = 0,
+            Fault::Duplicate => self.net.duplicate = 0.0,
+            Fault::Reorder => self.net.jitter_ms = 0,
+            Fault::Halves | Fault::Isolate | Fault::Bridge => self.net.groups = None,
+            Fault::Ring => self.net.ring_reach = None,
+            Fault::OneWay => self.net.cuts.clear(),
+            Fault::Crash | Fault::Pause => {} // restart/unpause events end these
+        }
+        if self.active_faults.is_empty() {
+            self.healthy_since = self.now;
+            self.deaths_seen = self.total_deaths();
+        }
+        self.trace(|| format!("fault {} ends", fault.name()));
+    }
+
+    fn total_deaths(&self) -> u64 {
+        self.nodes.iter().filter_map(|n| n.engine.as_ref()).map(|e| e.counters().deaths_written).sum()
+    }
+
+    fn heal(&mut self) {
+        self.trace(|| "heal: liveness phase".into());
+        self.net = NetState::default();
+        self.active_faults.clear();
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].paused_until.take().is_some() {
+                self.reschedule_wake(i);
+            }
+            if self.nodes[i].engine.is_none() {
+                self.boot_node(i);
+            }
+        }
+        self.heal_at = Some(self.now);
+        self.schedule(self.now + 100, Ev::Check);
+    }
+
+    fn digests_equal(&self) -> bool {
+        let mut digests = self.nodes.iter().filter_map(|n| n.engine.as_ref()).map(|e| e.digest());
+        let Some(first) = digests.next() else { return true };
+        digests.all(|d| d == first)
+    }
+
+    fn running_copies(&self) -> BTreeMap<(String, u32), Vec<usize>> {
+        let mut out: BTreeMap<(String, u32), Vec<usize>> = BTreeMap::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            for t in node.tasks.values() {
+                if !t.stopping {
+                    out.entry((t.job.clone(), t.index)).or_default().push(i);
+                }
+            }
+        }
+        out
+    }
+
+    fn lost_jobs(&self) -> Vec<String> {
+        let running = self.running_copies();
+        let mut lost = Vec::new();
+        for (id, j) in &self.acked {
+            if self.stopped_jobs.contains(id) {
+                continue;
+            }
+            let spec = &self.workload[*j].spec;
+            let complete = (0..spec.count).all(|i| match spec.kind {
+                JobKind::Batch => self.completions.get(&(id.clone(), i)).is_some_and(|c| *c > 0),
+                JobKind::Service => running.contains_key(&(id.clone(), i)),
+            });
+            if !complete {
+                lost.push(id.clone());
+            }
+        }
+        lost
+    }
+
+    fn check(&mut self) -> bool {
+        let heal = self.heal_at.unwrap_or(0);
+        let converged = self.digests_equal();
+        if converged && self.result.convergence_ms.is_none() {
+            self.result.convergence_ms = Some(self.now - heal);
+        }
+        if !converged {
+            self.result.convergence_ms = None;
+        }
+        let rest = converged && self.lost_jobs().is_empty() && self.multi_owner() == 0 && self.all_stops_done();
+        if rest {
+            return true;
+        }
+        self.schedule(self.now + 100, Ev::Check);
+        false
+    }
+
+    fn all_stops_done(&self) -> bool {
+        self.nodes.iter().all(|n| n.tasks.values().all(|t| !self.stopped_jobs.contains(&t.job) || t.stopping))
+    }
+
+    fn multi_owner(&self) -> usize {
+        let running = self.running_copies();
+        let mut bad = 0;
+        for ((job, index), nodes) in &running {
+            if nodes.len() > 1 {
+                bad += 1;
+                continue;
+            }
+            // The single copy must be the table's winner, on every node's view.
+            let Some(view) = self.nodes.iter().find_map(|n| n.engine.as_ref()).and_then(|e| e.job_json(job)) else {
+                continue;
+            };
+            let owner = view.instances.get(*index as usize).and_then(|i| i.node_id.clone());
+            if owner.as_deref() != Some(self.nodes[nodes[0]].id.as_str()) && !self.stopped_jobs.contains(job) {
+                bad += 1;
+            }
+        }
+        bad
+    }
+
+    fn finish(mut self) -> RunResult {
+        self.result.converged = self.digests_equal();
+        self.result.lost_jobs = self.lost_jobs();
+        self.result.multi_owner_instances_at_rest = self.multi_owner();
+        self.result.duplicate_runs = self.starts.values().map(|n| (*n as usize).saturating_sub(1)).sum();
+        self.result.virtual_ms = self.now;
+        self.result.false_deaths = if self.config.faults.is_empty() { self.total_deaths() as usize } else { 0 };
+        self.result
+    }
+}
+
+fn shuffle(rng: &mut ChaCha8Rng, v: &mut [usize]) {
+    for i in (1..v.len()).rev() {
+        let j = rng.gen_range(0..=i);
+        v.swap(i, j);
+    }
+}
+
+fn make_workload(rng: &mut ChaCha8Rng, config: &SimConfig, j: usize) -> Workload {
+    let service = rng.gen_bool(config.service_share);
+    let count = rng.gen_range(1..=3);
+    let duration_ms = rng.gen_range(50..3_000);
+    let fail_attempts = if rng.gen_bool(0.1) { rng.gen_range(1..=2) } else { 0 };
+    let mut spec = JobSpec::command("work", [duration_ms.to_string()]);
+    spec.name = format!("job-{j}");
+    spec.kind = if service { JobKind::Service } else { JobKind::Batch };
+    spec.count = count;
+    spec.resources = Resources { cpu_millis: rng.gen_range(1..=10) * 100, memory_mb: rng.gen_range(1..=8) * 64 };
+    spec.priority = rng.gen_range(0..=10);
+    spec.restart = RestartPolicy { attempts: 4, delay_ms: 100, backoff: 2.0, max_delay_ms: 2_000, ..RestartPolicy::default() };
+    Workload { spec, fail_attempts, duration_ms }
+}

@@ -1,1 +1,216 @@
-fn main(){}
+//! `colony-sim`: run partition simulations from the command line.
+
+use clap::{Parser, Subcommand};
+use colony_sim::{Fault, RunResult, Sim, SimConfig};
+use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(name = "colony-sim", version, about = "Offline partition simulator for Colony: many node cores, virtual time, injected faults, invariant checks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run simulations over one or more seeds and check the invariants.
+    Run(RunArgs),
+}
+
+#[derive(Parser, Clone)]
+struct RunArgs {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 5)]
+    nodes: usize,
+    /// Jobs submitted per run.
+    #[arg(long, default_value_t = 200)]
+    jobs: usize,
+    /// Number of seeds to run, starting at --seed.
+    #[arg(long, default_value_t = 1)]
+    seeds: u64,
+    /// The first seed (a single run with --seeds 1 replays exactly).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Faults to inject, comma-separated: all, none, loss, delay, duplicate, reorder, halves,
+    /// isolate, bridge, ring, oneway, crash, pause.
+    #[arg(long, default_value = "all")]
+    faults: String,
+    /// Virtual length of the fault phase, in ms.
+    #[arg(long, default_value_t = 30_000)]
+    fault_phase_ms: u64,
+    /// Retention: finished jobs kept per node.
+    #[arg(long)]
+    retain_jobs: Option<usize>,
+    /// Retention: finished jobs older than this (virtual ms) are compacted.
+    #[arg(long)]
+    retain_age_ms: Option<u64>,
+    /// Worker threads (each runs whole seeds; a seed's run is single-threaded and deterministic).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Print one JSON object at the end instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Print each run's scenario steps to stderr.
+    #[arg(long)]
+    trace: bool,
+}
+
+#[derive(serde::Serialize)]
+struct Summary {
+    seeds: u64,
+    nodes: usize,
+    jobs: usize,
+    faults: Vec<&'static str>,
+    acknowledged: usize,
+    unacknowledged: usize,
+    lost_jobs: usize,
+    unconverged_seeds: usize,
+    multi_owner_instances_at_rest: usize,
+    duplicate_runs: usize,
+    capacity_violations: usize,
+    false_deaths: usize,
+    convergence_ms_p50: u64,
+    convergence_ms_p99: u64,
+    convergence_ms_max: u64,
+    messages: u64,
+    task_starts: u64,
+    failing_seeds: Vec<u64>,
+    wall_ms: u64,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let Command::Run(args) = cli.command;
+    let faults = match Fault::parse_list(&args.faults) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: --faults: {e}");
+            std::process::exit(2);
+        }
+    };
+    if args.nodes == 0 {
+        eprintln!("error: --nodes: must be at least 1");
+        std::process::exit(2);
+    }
+    let started = Instant::now();
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<RunResult>>> = Mutex::new(vec![None; args.seeds as usize]);
+    let done = AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..args.threads.max(1) {
+            scope.spawn(|| loop {
+                let k = next.fetch_add(1, Ordering::SeqCst);
+                if k as u64 >= args.seeds {
+                    break;
+                }
+                let mut config = SimConfig::new(args.nodes, args.jobs, args.seed + k as u64);
+                config.faults = faults.clone();
+                config.fault_phase_ms = args.fault_phase_ms;
+                config.trace = args.trace;
+                if let Some(n) = args.retain_jobs {
+                    config.retention.finished_jobs = n;
+                }
+                if let Some(ms) = args.retain_age_ms {
+                    config.retention.finished_age_ms = ms;
+                }
+                let result = Sim::new(config).run();
+                if !result.ok() {
+                    eprintln!(
+                        "seed {} FAILED: lost={} converged={} multi_owner={} capacity_violations={} false_deaths={}\n  replay: colony-sim run --nodes {} --jobs {} --seed {} --faults {} --fault-phase-ms {}",
+                        result.seed,
+                        result.lost_jobs.len(),
+                        result.converged,
+                        result.multi_owner_instances_at_rest,
+                        result.capacity_violations,
+                        result.false_deaths,
+                        args.nodes,
+                        args.jobs,
+                        result.seed,
+                        args.faults,
+                        args.fault_phase_ms
+                    );
+                }
+                if let Ok(mut r) = results.lock() {
+                    r[k] = Some(result);
+                }
+                let d = done.fetch_add(1, Ordering::SeqCst) + 1;
+                if !args.json && (args.seeds > 1) && (d % 10 == 0 || d as u64 == args.seeds) {
+                    eprint!("\r{d}/{} seeds, {:.1} s", args.seeds, started.elapsed().as_secs_f64());
+                    let _ = std::io::stderr().flush();
+                }
+            });
+        }
+    });
+    if !args.json && args.seeds > 1 {
+        eprintln!();
+    }
+    let results: Vec<RunResult> = results.into_inner().unwrap_or_default().into_iter().flatten().collect();
+    let mut conv: Vec<u64> = results.iter().filter_map(|r| r.convergence_ms).collect();
+    conv.sort_unstable();
+    let pct = |p: f64| -> u64 {
+        if conv.is_empty() {
+            return 0;
+        }
+        conv[((conv.len() as f64 - 1.0) * p).round() as usize]
+    };
+    let summary = Summary {
+        seeds: args.seeds,
+        nodes: args.nodes,
+        jobs: args.jobs,
+        faults: faults.iter().map(|f| f.name()).collect(),
+        acknowledged: results.iter().map(|r| r.acknowledged).sum(),
+        unacknowledged: results.iter().map(|r| r.unacknowledged).sum(),
+        lost_jobs: results.iter().map(|r| r.lost_jobs.len()).sum(),
+        unconverged_seeds: results.iter().filter(|r| !r.converged).count(),
+        multi_owner_instances_at_rest: results.iter().map(|r| r.multi_owner_instances_at_rest).sum(),
+        duplicate_runs: results.iter().map(|r| r.duplicate_runs).sum(),
+        capacity_violations: results.iter().map(|r| r.capacity_violations).sum(),
+        false_deaths: results.iter().map(|r| r.false_deaths).sum(),
+        convergence_ms_p50: pct(0.5),
+        convergence_ms_p99: pct(0.99),
+        convergence_ms_max: conv.last().copied().unwrap_or(0),
+        messages: results.iter().map(|r| r.messages).sum(),
+        task_starts: results.iter().map(|r| r.task_starts).sum(),
+        failing_seeds: results.iter().filter(|r| !r.ok()).map(|r| r.seed).collect(),
+        wall_ms: started.elapsed().as_millis() as u64,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&summary).unwrap_or_default());
+    } else {
+        print_table(&summary);
+    }
+    if !summary.failing_seeds.is_empty() {
+        std::process::exit(1);
+    }
+}
+
+fn print_table(s: &Summary) {
+    let rows: Vec<(&str, String)> = vec![
+        ("seeds", s.seeds.to_string()),
+        ("nodes", s.nodes.to_string()),
+        ("jobs per seed", s.jobs.to_string()),
+        ("faults", s.faults.join(",")),
+        ("acknowledged / refused", format!("{} / {}", s.acknowledged, s.unacknowledged)),
+        ("lost jobs (I2)", s.lost_jobs.to_string()),
+        ("unconverged seeds (I1)", s.unconverged_seeds.to_string()),
+        ("multi-owner at rest (I3)", s.multi_owner_instances_at_rest.to_string()),
+        ("capacity violations (I4)", s.capacity_violations.to_string()),
+        ("false deaths (no faults)", s.false_deaths.to_string()),
+        ("duplicate runs (counted)", s.duplicate_runs.to_string()),
+        ("convergence p50/p99/max", format!("{} / {} / {} ms", s.convergence_ms_p50, s.convergence_ms_p99, s.convergence_ms_max)),
+        ("messages delivered", s.messages.to_string()),
+        ("task starts", s.task_starts.to_string()),
+        ("wall time", format!("{:.1} s", s.wall_ms as f64 / 1000.0)),
+    ];
+    for (k, v) in rows {
+        println!("{k:<28} {v}");
+    }
+    if s.failing_seeds.is_empty() {
+        println!("result                       OK");
+    } else {
+        println!("result                       FAILED seeds {:?}", s.failing_seeds);
+    }
+}
