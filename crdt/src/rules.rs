@@ -105,24 +105,22 @@ pub fn placement_score(
     -weight / u.ln()
 }
 
-/// Whether a claim is valid: for this attempt, by a node whose claims count, and not given up
-/// (a run at this attempt ended as lost or stopped means its node gave the claim up).
+/// Whether a claim is valid: for this attempt, by a node whose claims count.
+///
+/// A node that gives an instance up (its copy lost, stopped, or found after a restart)
+/// deletes its claim in the same step as it records the run, so a claim present is a claim
+/// meant. Earlier versions also voided a claim when its node had a lost or stopped run at
+/// that attempt; that wedged an instance for good once every node had given it up once
+/// (simulator seed 7), so the run history no longer bears on validity.
 pub fn claim_is_valid(
-    record: &JobRecord,
-    index: u32,
+    _record: &JobRecord,
+    _index: u32,
     attempt: u32,
     node: &str,
     claim: &Claim,
     state: &dyn Fn(&str) -> NodeState,
 ) -> bool {
-    if claim.attempt != attempt || !state(node).counts() {
-        return false;
-    }
-    let given_up = record
-        .runs
-        .get(&(index, attempt, node.to_string()))
-        .is_some_and(|r| matches!(r.status, RunStatus::Lost | RunStatus::Stopped));
-    !given_up
+    claim.attempt == attempt && state(node).counts()
 }
 
 /// The winner among the claims on (`job`, `index`) at `attempt`: the valid claim with the

@@ -851,6 +851,16 @@ impl Sim {
     fn finish(mut self) -> RunResult {
         self.result.converged = self.digests_equal();
         self.result.lost_jobs = self.lost_jobs();
+        if self.config.trace {
+            for id in &self.result.lost_jobs {
+                for (i, n) in self.nodes.iter().enumerate() {
+                    if let Some(e) = n.engine.as_ref() {
+                        eprintln!("LOST {id} view of n{i}: {}", serde_json::to_string(&e.job_json(id)).unwrap_or_default());
+                        eprintln!("   n{i} tasks: {:?}", n.tasks.keys().collect::<Vec<_>>());
+                    }
+                }
+            }
+        }
         self.result.multi_owner_instances_at_rest = self.multi_owner();
         self.result.duplicate_runs = self.starts.values().map(|n| (*n as usize).saturating_sub(1)).sum();
         self.result.virtual_ms = self.now;
