@@ -7,3 +7,13 @@
 pub mod engine;
 
 pub use colony_crdt as crdt;
+pub use colony_crdt::JobSpec;
+
+#[cfg(feature = "daemon")]
+pub mod daemon;
+#[cfg(feature = "daemon")]
+mod node;
+#[cfg(feature = "daemon")]
+pub use colony_net::Multiaddr;
+#[cfg(feature = "daemon")]
+pub use node::*;
