@@ -4,7 +4,7 @@
 use crate::hash::stable_hash;
 use automerge::sync::SyncDoc;
 use automerge::transaction::{CommitOptions, Transactable};
-use automerge::{ActorId, AutoCommit, Change, ReadDoc, ROOT};
+use automerge::{ActorId, AutoCommit, Change, ReadDoc, ScalarValueRef, ValueRef, ROOT};
 
 /// Errors from Automerge on remote input. The document is unchanged when one is returned.
 #[derive(Debug, thiserror::Error)]
@@ -73,12 +73,17 @@ impl Doc {
         values.into_iter().filter_map(|(v, _)| v.into_string().ok()).max()
     }
 
-    /// All entries, sorted by key, conflicts resolved as in [`Doc::get`].
+    /// All entries, sorted by key, conflicts resolved as in [`Doc::get`]. One pass over the
+    /// map; only conflicted keys (two boots of one writer) take the slower `get_all` path.
     pub fn entries(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
-        for key in self.am.keys(ROOT) {
-            if let Some(value) = self.get(&key) {
-                out.push((key, value));
+        for item in self.am.map_range(ROOT, ..) {
+            if item.conflict {
+                if let Some(value) = self.get(&item.key) {
+                    out.push((item.key.into_owned(), value));
+                }
+            } else if let ValueRef::Scalar(ScalarValueRef::Str(value)) = item.value {
+                out.push((item.key.into_owned(), value.into_owned()));
             }
         }
         out
