@@ -47,9 +47,7 @@ impl Doc {
 
     /// Deletes `key`; returns the change's bytes, or `None` when it was absent.
     pub fn delete(&mut self, key: &str) -> Option<Vec<u8>> {
-        if self.get(key).is_none() {
-            return None;
-        }
+        self.get(key)?;
         // INVARIANT: deleting a present key of the root map cannot fail.
         self.am.delete(ROOT, key).expect("delete on the root map");
         self.commit()

@@ -120,7 +120,7 @@ pub struct JobRecord {
 }
 
 /// Static facts about a node, written by the node itself.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
     /// Human name.
     pub name: String,
@@ -132,6 +132,26 @@ pub struct NodeInfo {
     /// Labels for constraints.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Task drivers it can run (`exec`, or in-process handler names). A job whose driver a
+    /// node lacks is never placed there.
+    #[serde(default = "default_drivers")]
+    pub drivers: Vec<String>,
+}
+
+fn default_drivers() -> Vec<String> {
+    vec!["exec".to_string()]
+}
+
+impl Default for NodeInfo {
+    fn default() -> Self {
+        NodeInfo {
+            name: String::new(),
+            addrs: Vec::new(),
+            capacity: Resources::default(),
+            labels: BTreeMap::new(),
+            drivers: default_drivers(),
+        }
+    }
 }
 
 /// What a node says of its own participation.

@@ -366,7 +366,8 @@ impl Sim {
         let config = self.node_config(i);
         let node = &mut self.nodes[i];
         node.boot += 1;
-        let restored = if node.boot == 1 { None } else { Some((node.disk.snapshot.as_deref(), &node.disk.records[..])) };
+        let restored =
+            if node.boot == 1 { None } else { Some((node.disk.snapshot.as_deref(), &node.disk.records[..])) };
         let engine = Engine::new(node.id.clone(), config, seed, self.now, restored)
             .unwrap_or_else(|e| panic!("node {i} failed to restore its own durable state: {e}"));
         node.engine = Some(engine);
@@ -574,7 +575,10 @@ impl Sim {
                     }
                     *self.starts.entry((start.job.clone(), start.index, start.attempt)).or_default() += 1;
                     self.result.task_starts += 1;
-                    let work = self.acked.get(&start.job).map(|j| (&self.workload[*j].fail_attempts, self.workload[*j].duration_ms));
+                    let work = self
+                        .acked
+                        .get(&start.job)
+                        .map(|j| (&self.workload[*j].fail_attempts, self.workload[*j].duration_ms));
                     let (fail_attempts, duration) = match work {
                         Some((f, d)) => (*f, d),
                         None => (0, 500),
@@ -649,8 +653,9 @@ impl Sim {
     }
 
     fn random_live_node(&mut self) -> Option<usize> {
-        let live: Vec<usize> =
-            (0..self.nodes.len()).filter(|i| self.nodes[*i].engine.is_some() && self.nodes[*i].paused_until.is_none()).collect();
+        let live: Vec<usize> = (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].engine.is_some() && self.nodes[*i].paused_until.is_none())
+            .collect();
         if live.is_empty() {
             return None;
         }
@@ -855,7 +860,10 @@ impl Sim {
             for id in &self.result.lost_jobs {
                 for (i, n) in self.nodes.iter().enumerate() {
                     if let Some(e) = n.engine.as_ref() {
-                        eprintln!("LOST {id} view of n{i}: {}", serde_json::to_string(&e.job_json(id)).unwrap_or_default());
+                        eprintln!(
+                            "LOST {id} view of n{i}: {}",
+                            serde_json::to_string(&e.job_json(id)).unwrap_or_default()
+                        );
                         eprintln!("   n{i} tasks: {:?}", n.tasks.keys().collect::<Vec<_>>());
                     }
                 }
@@ -887,6 +895,7 @@ fn make_workload(rng: &mut ChaCha8Rng, config: &SimConfig, j: usize) -> Workload
     spec.count = count;
     spec.resources = Resources { cpu_millis: rng.gen_range(1..=10) * 100, memory_mb: rng.gen_range(1..=8) * 64 };
     spec.priority = rng.gen_range(0..=10);
-    spec.restart = RestartPolicy { attempts: 4, delay_ms: 100, backoff: 2.0, max_delay_ms: 2_000, ..RestartPolicy::default() };
+    spec.restart =
+        RestartPolicy { attempts: 4, delay_ms: 100, backoff: 2.0, max_delay_ms: 2_000, ..RestartPolicy::default() };
     Workload { spec, fail_attempts, duration_ms }
 }

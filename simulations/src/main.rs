@@ -8,7 +8,11 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 #[derive(Parser)]
-#[command(name = "colony-sim", version, about = "Offline partition simulator for Colony: many node cores, virtual time, injected faults, invariant checks")]
+#[command(
+    name = "colony-sim",
+    version,
+    about = "Offline partition simulator for Colony: many node cores, virtual time, injected faults, invariant checks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -200,7 +204,10 @@ fn print_table(s: &Summary) {
         ("capacity violations (I4)", s.capacity_violations.to_string()),
         ("false deaths (no faults)", s.false_deaths.to_string()),
         ("duplicate runs (counted)", s.duplicate_runs.to_string()),
-        ("convergence p50/p99/max", format!("{} / {} / {} ms", s.convergence_ms_p50, s.convergence_ms_p99, s.convergence_ms_max)),
+        (
+            "convergence p50/p99/max",
+            format!("{} / {} / {} ms", s.convergence_ms_p50, s.convergence_ms_p99, s.convergence_ms_max),
+        ),
         ("messages delivered", s.messages.to_string()),
         ("task starts", s.task_starts.to_string()),
         ("wall time", format!("{:.1} s", s.wall_ms as f64 / 1000.0)),

@@ -111,6 +111,8 @@ pub struct EngineConfig {
     pub capacity: Resources,
     /// Labels for constraints.
     pub labels: BTreeMap<String, String>,
+    /// Task drivers this node can run; jobs for other drivers are never claimed here.
+    pub drivers: Vec<String>,
     /// Timings.
     pub timing: Timing,
     /// Retention.
@@ -127,6 +129,7 @@ impl EngineConfig {
             addrs: Vec::new(),
             capacity,
             labels: BTreeMap::new(),
+            drivers: vec!["exec".to_string()],
             timing: Timing::default(),
             retention: Retention::default(),
             limits: Limits::default(),

@@ -271,6 +271,7 @@ impl Engine {
             addrs: self.config.addrs.clone(),
             capacity: self.config.capacity,
             labels: self.config.labels.clone(),
+            drivers: self.config.drivers.clone(),
         };
         self.table.write_node_info(&info);
         self.table.write_mode(self.mode);
@@ -358,6 +359,17 @@ impl Engine {
     /// Tasks this node runs now.
     pub fn running_tasks(&self) -> impl Iterator<Item = (&TaskId, (&str, u32, u32))> {
         self.tasks.iter().map(|(id, t)| (id, (t.job.as_str(), t.index, t.attempt)))
+    }
+
+    /// Jobs held, by status (from the evaluation cache: cheap enough for every metrics scrape).
+    pub fn job_status_counts(&self) -> BTreeMap<JobStatus, usize> {
+        let mut out = BTreeMap::new();
+        for cache in self.cache.values() {
+            if let Some(status) = cache.status {
+                *out.entry(status).or_default() += 1;
+            }
+        }
+        out
     }
 
     /// The next output, in order.
@@ -498,12 +510,9 @@ impl Engine {
 
     /// A task could not be started (bad command, driver refused). Counts as a failed run.
     pub fn handle_task_start_failed(&mut self, now_ms: u64, task: &str, reason: &str) {
-        if let Some(local) = self.tasks.get_mut(task) {
-            local.stopping = None;
-        }
         let Some(local) = self.tasks.remove(task) else { return };
         let run = Run {
-            status: RunStatus::Failed,
+            status: if local.stopping.is_some() { RunStatus::Stopped } else { RunStatus::Failed },
             boot: self.boot,
             started_ms: local.started_ms,
             finished_ms: Some(now_ms),
@@ -746,7 +755,7 @@ impl Engine {
         let finished_at_ms = status.is_terminal().then(|| rules::finished_at_ms(record));
         self.update_cache(job, &spec, status, &views, finished_at_ms);
         for view in &views {
-            self.act_on_instance(now_ms, job, &spec, view, stopped);
+            self.act_on_instance(now_ms, job, &spec, view, stopped, header.submitted_at_ms);
         }
     }
 
@@ -794,7 +803,15 @@ impl Engine {
         );
     }
 
-    fn act_on_instance(&mut self, now_ms: u64, job: &str, spec: &JobSpec, view: &InstanceView, stopped: bool) {
+    fn act_on_instance(
+        &mut self,
+        now_ms: u64,
+        job: &str,
+        spec: &JobSpec,
+        view: &InstanceView,
+        stopped: bool,
+        submitted_at_ms: u64,
+    ) {
         let key = (job.to_string(), view.index);
         let my_task: Option<TaskId> = self
             .tasks
@@ -828,7 +845,7 @@ impl Engine {
                     return;
                 }
                 if !claim.started {
-                    let start_at = claim.at_ms + self.config.timing.settle_ms;
+                    let start_at = claim.at_ms + self.effective_settle_ms();
                     if now_ms >= start_at {
                         self.start_task(now_ms, job, spec, view.index, view.attempt);
                     } else {
@@ -862,13 +879,24 @@ impl Engine {
                     self.claims.remove(&key);
                     self.release_capacity();
                 }
-                self.try_claim(now_ms, job, spec, view);
+                self.try_claim(now_ms, job, spec, view, submitted_at_ms);
             }
             _ => {}
         }
     }
 
-    fn try_claim(&mut self, now_ms: u64, job: &str, spec: &JobSpec, view: &InstanceView) {
+    /// The settle window: at least the configured one, and long enough to cover a round trip
+    /// as measured by probes (smoothed RTT + 4 deviations, as TCP's retransmit timer). On a
+    /// slow network a fixed window would start duplicates that a wider one avoids.
+    pub fn effective_settle_ms(&self) -> u64 {
+        self.config.timing.settle_ms.max(self.swim.rtt_bound_ms())
+    }
+
+    fn effective_stagger_ms(&self) -> u64 {
+        self.config.timing.claim_stagger_ms.max(self.swim.rtt_bound_ms())
+    }
+
+    fn try_claim(&mut self, now_ms: u64, job: &str, spec: &JobSpec, view: &InstanceView, submitted_at_ms: u64) {
         if self.mode != NodeMode::Active {
             return;
         }
@@ -876,7 +904,9 @@ impl Engine {
             self.timers.insert((view.not_before_ms, job.to_string()));
             return;
         }
-        if !spec.constraints.iter().all(|c| c.matches(&self.config.labels)) {
+        if !spec.constraints.iter().all(|c| c.matches(&self.config.labels))
+            || !self.config.drivers.contains(&spec.driver)
+        {
             return;
         }
         let free = self.config.capacity.minus(self.local_allocation());
@@ -886,8 +916,14 @@ impl Engine {
             return;
         }
         let position = self.rank_position(job, spec, view);
-        let since = *self.pending_since.entry((job.to_string(), view.index, view.attempt)).or_insert(now_ms);
-        let due = since.max(view.not_before_ms) + u64::from(position) * self.config.timing.claim_stagger_ms;
+        let first_seen = *self.pending_since.entry((job.to_string(), view.index, view.attempt)).or_insert(now_ms);
+        // The back-off counts from a moment every node agrees on where there is one (the
+        // submission, or the end of a restart delay), so a node that hears of the job late
+        // does not claim at the same moment as a worse-ranked node that heard early. A clock
+        // ahead of ours cannot push the moment past when we first saw it.
+        let shared = if view.not_before_ms > 0 { view.not_before_ms } else { submitted_at_ms };
+        let since = if view.attempt == 0 || view.not_before_ms > 0 { shared.min(first_seen) } else { first_seen };
+        let due = since + u64::from(position) * self.effective_stagger_ms();
         if now_ms < due {
             self.timers.insert((due, job.to_string()));
             return;
@@ -900,7 +936,7 @@ impl Engine {
             (job.to_string(), view.index),
             MyClaim { attempt: view.attempt, at_ms: now_ms, resources: spec.resources, started: false },
         );
-        self.timers.insert((now_ms + self.config.timing.settle_ms, job.to_string()));
+        self.timers.insert((now_ms + self.effective_settle_ms(), job.to_string()));
     }
 
     /// How many eligible nodes rank before us (capped). Eligible: alive, active, matching the
@@ -926,7 +962,7 @@ impl Engine {
             {
                 continue;
             }
-            if !spec.constraints.iter().all(|c| c.matches(&info.labels)) {
+            if !spec.constraints.iter().all(|c| c.matches(&info.labels)) || !info.drivers.contains(&spec.driver) {
                 continue;
             }
             let allocated = self.allocated.get(id).copied().unwrap_or_default();

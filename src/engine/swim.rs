@@ -16,6 +16,7 @@ enum Phase {
 struct Probe {
     target: NodeId,
     phase: Phase,
+    sent_ms: u64,
     deadline_ms: u64,
 }
 
@@ -49,6 +50,10 @@ pub(crate) struct Swim {
     relays: BTreeMap<u64, (NodeId, u64, u64)>,
     suspected: BTreeMap<NodeId, u64>,
     local_health: u32,
+    /// Smoothed round trip and its mean deviation, in microseconds-free integer ms * 8
+    /// (RFC 6298 arithmetic: srtt8 = 8 * SRTT, rttvar4 = 4 * RTTVAR).
+    srtt8: Option<u64>,
+    rttvar4: u64,
 }
 
 impl Swim {
@@ -65,11 +70,40 @@ impl Swim {
             relays: BTreeMap::new(),
             suspected: BTreeMap::new(),
             local_health: 0,
+            srtt8: None,
+            rttvar4: 0,
         }
     }
 
     fn scale(&self, ms: u64) -> u64 {
         ms * (1 + u64::from(self.local_health))
+    }
+
+    /// A probe's timeout: the configured one, or the measured round-trip bound when the
+    /// network is slower, stretched by local health.
+    fn probe_timeout(&self) -> u64 {
+        self.scale(self.probe_timeout_ms.max(self.rtt_bound_ms()))
+    }
+
+    /// RFC 6298 smoothing of one round-trip sample.
+    fn sample_rtt(&mut self, rtt_ms: u64) {
+        match self.srtt8 {
+            None => {
+                self.srtt8 = Some(rtt_ms * 8);
+                self.rttvar4 = rtt_ms * 2;
+            }
+            Some(srtt8) => {
+                let srtt = srtt8 / 8;
+                let err = srtt.abs_diff(rtt_ms);
+                self.rttvar4 = self.rttvar4 - self.rttvar4 / 4 + err;
+                self.srtt8 = Some(srtt8 - srtt8 / 8 + rtt_ms);
+            }
+        }
+    }
+
+    /// SRTT + 4 RTTVAR: a round trip that is rarely exceeded (0 before any sample).
+    pub fn rtt_bound_ms(&self) -> u64 {
+        self.srtt8.map_or(0, |s| s / 8 + self.rttvar4)
     }
 
     /// The local health multiplier (0 = healthy).
@@ -106,8 +140,9 @@ impl Swim {
         }
         self.seq += 1;
         let seq = self.seq;
-        let deadline_ms = now_ms + self.scale(self.probe_timeout_ms);
-        self.probes.insert(seq, Probe { target: target.to_string(), phase: Phase::Direct, deadline_ms });
+        let deadline_ms = now_ms + self.probe_timeout();
+        self.probes
+            .insert(seq, Probe { target: target.to_string(), phase: Phase::Direct, sent_ms: now_ms, deadline_ms });
         self.probing.insert(target.to_string(), seq);
         Some(seq)
     }
@@ -115,16 +150,18 @@ impl Swim {
     /// Registers a probe made on `origin`'s behalf; returns the seq to ping the target with.
     pub fn start_relay(&mut self, now_ms: u64, origin: &str, origin_seq: u64) -> u64 {
         self.seq += 1;
-        let deadline = now_ms + self.scale(self.probe_timeout_ms) * 2;
+        let deadline = now_ms + self.probe_timeout() * 2;
         self.relays.insert(self.seq, (origin.to_string(), origin_seq, deadline));
         self.seq
     }
 
-    pub fn on_ack(&mut self, _now_ms: u64, seq: u64) -> AckOutcome {
+    pub fn on_ack(&mut self, now_ms: u64, seq: u64) -> AckOutcome {
         if let Some((origin, origin_seq, _)) = self.relays.remove(&seq) {
             return AckOutcome::Relay { origin, seq: origin_seq };
         }
         let Some(probe) = self.probes.remove(&seq) else { return AckOutcome::Unknown };
+        // Late answers are samples too: they are what stretches the timeouts on a slow network.
+        self.sample_rtt(now_ms.saturating_sub(probe.sent_ms));
         self.probing.remove(&probe.target);
         self.suspected.remove(&probe.target);
         self.local_health = self.local_health.saturating_sub(1);
@@ -140,7 +177,7 @@ impl Swim {
                 Phase::Direct => {
                     // Lifeguard: a missed answer is first a hint that *we* are slow.
                     self.local_health = (self.local_health + 1).min(self.max_local_health);
-                    let deadline_ms = now_ms + self.scale(self.probe_timeout_ms) * 2;
+                    let deadline_ms = now_ms + self.probe_timeout() * 2;
                     self.probes.insert(seq, Probe { phase: Phase::Indirect, deadline_ms, ..probe.clone() });
                     out.push(Expired::NeedIndirect { target: probe.target, seq });
                 }
