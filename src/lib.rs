@@ -17,3 +17,5 @@ mod node;
 pub use colony_net::Multiaddr;
 #[cfg(feature = "daemon")]
 pub use node::*;
+#[cfg(feature = "daemon")]
+pub mod api;
