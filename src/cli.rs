@@ -607,12 +607,18 @@ fn job_status(client: &Client, id: &str, json: bool) -> Result<()> {
         return print_json(&client.get_text(&path)?);
     }
     let job: JobJson = client.get(&path)?;
-    print!("{}", describe_job(&job, now_ms()));
+    // Best effort: name the accepting node (it may have been compacted away since).
+    let submitter = client
+        .get::<Vec<NodeJson>>("/v1/nodes")
+        .ok()
+        .and_then(|nodes| nodes.into_iter().find(|n| n.id == job.submitted_by))
+        .map(|n| n.name);
+    print!("{}", describe_job(&job, submitter.as_deref(), now_ms()));
     Ok(())
 }
 
 /// The human form of `colony job status`.
-fn describe_job(job: &JobJson, now_ms: u64) -> String {
+fn describe_job(job: &JobJson, submitter_name: Option<&str>, now_ms: u64) -> String {
     let mut out = String::new();
     let spec = &job.spec;
     let mut command = vec![spec.command.clone()];
@@ -629,7 +635,10 @@ fn describe_job(job: &JobJson, now_ms: u64) -> String {
     out.push_str(&format!(
         "submitted:  {} ago, by {}\n",
         age(now_ms.saturating_sub(job.submitted_at_ms)),
-        job.submitted_by
+        match submitter_name {
+            Some(name) => format!("{name} ({})", job.submitted_by),
+            None => job.submitted_by.clone(),
+        }
     ));
     if job.duplicate_runs > 0 {
         out.push_str(&format!("duplicates: {} concurrent runs beyond one (after a partition)\n", job.duplicate_runs));
@@ -1133,6 +1142,29 @@ mod tests {
         let mut follower = StreamFollower::default();
         follower.advance("xyz");
         assert_eq!(follower.advance("something else"), "[... output skipped ...]\nsomething else");
+    }
+
+    #[test]
+    fn job_status_shows_every_run_and_duplicates() {
+        let run = |node: &str, status: &str, exit: Option<i32>| {
+            serde_json::json!({"attempt": 0, "node": node, "node_id": format!("id-{node}"), "status": status,
+                "started_ms": 1_000, "finished_ms": 3_000, "exit_code": exit, "reason": null})
+        };
+        let job: JobJson = serde_json::from_value(serde_json::json!({
+            "id": "j1", "name": "demo", "status": "succeeded", "kind": "batch", "submitted_by": "id-a",
+            "submitted_at_ms": 1_000, "duplicate_runs": 1,
+            "instances": [{"index": 0, "node": "a", "node_id": "id-a", "status": "succeeded", "exit_code": 0,
+                "attempt": 0, "failures": 0, "duplicate_runs": 1,
+                "runs": [run("a", "succeeded", Some(0)), run("b", "stopped", Some(143))]}],
+            "spec": {"command": "echo", "args": ["hi"]},
+        }))
+        .expect("a JobJson");
+        let text = describe_job(&job, Some("a"), 61_000);
+        assert!(text.contains("submitted:  1m ago, by a (id-a)"), "{text}");
+        assert!(text.contains("[0] succeeded on a, attempt 0, exit code 0, 1 duplicate runs"), "{text}");
+        assert!(text.contains("attempt 0 on a: succeeded, exit code 0, ran 2.0s"), "{text}");
+        assert!(text.contains("attempt 0 on b: stopped, exit code 143"), "{text}");
+        assert!(text.contains("duplicates: 1"), "{text}");
     }
 
     #[test]
