@@ -34,6 +34,29 @@ impl Doc {
         Doc { am: AutoCommit::new().with_actor(actor.clone()) }
     }
 
+    /// Loads a document saved with [`Doc::save`], writing as `actor` from now on.
+    pub fn load(bytes: &[u8], actor: &ActorId) -> Result<Doc, DocError> {
+        let mut am = AutoCommit::load(bytes).map_err(|e| DocError::Malformed(e.to_string()))?.with_actor(actor.clone());
+        // Move the incremental-save point to what was loaded: it is already on disk.
+        let _ = am.save_incremental();
+        Ok(Doc { am })
+    }
+
+    /// Whether the document holds no change at all.
+    pub fn is_empty(&mut self) -> bool {
+        self.am.get_heads().is_empty()
+    }
+
+    /// Parses change bytes without touching any document.
+    pub fn parse_changes(changes: &[Vec<u8>]) -> Result<Vec<Change>, DocError> {
+        changes.iter().map(|b| Change::from_bytes(b.clone()).map_err(|e| DocError::Malformed(e.to_string()))).collect()
+    }
+
+    /// Parses a sync message without touching any document.
+    pub fn parse_sync(bytes: &[u8]) -> Result<automerge::sync::Message, DocError> {
+        automerge::sync::Message::decode(bytes).map_err(|e| DocError::Malformed(e.to_string()))
+    }
+
     /// Sets `key` to `value`, committing at once. Returns the change's bytes, for pushing to
     /// peers. Writing the value already there writes nothing and returns `None`.
     pub fn put(&mut self, key: &str, value: &str) -> Option<Vec<u8>> {
@@ -87,17 +110,24 @@ impl Doc {
         out
     }
 
-    /// Applies changes from a peer. Changes whose dependencies are missing wait inside
+    /// Applies parsed changes from a peer. Changes whose dependencies are missing wait inside
     /// Automerge until those arrive. Returns whether the heads moved.
-    pub fn apply_changes(&mut self, changes: &[Vec<u8>]) -> Result<bool, DocError> {
-        let mut parsed = Vec::with_capacity(changes.len());
-        for bytes in changes {
-            let change = Change::from_bytes(bytes.clone()).map_err(|e| DocError::Malformed(e.to_string()))?;
-            parsed.push(change);
-        }
+    ///
+    /// Automerge 0.12 can panic on some forged changes (a bad sequence number passes
+    /// `Change::from_bytes`). A peer's bytes must never crash the node (I7), so the apply runs
+    /// on a copy under `catch_unwind`; on panic or error the document is left as it was.
+    pub fn apply_changes(&mut self, changes: Vec<Change>) -> Result<bool, DocError> {
         let before = self.am.get_heads();
-        self.am.apply_changes(parsed).map_err(|e| DocError::Malformed(e.to_string()))?;
-        Ok(self.am.get_heads() != before)
+        let mut copy = self.am.clone();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| copy.apply_changes(changes)));
+        match outcome {
+            Ok(Ok(())) => {
+                self.am = copy;
+                Ok(self.am.get_heads() != before)
+            }
+            Ok(Err(e)) => Err(DocError::Malformed(e.to_string())),
+            Err(_) => Err(DocError::Malformed("automerge panicked on these changes".into())),
+        }
     }
 
     /// A hash of the current heads: equal on two nodes exactly when they hold the same history.
@@ -115,6 +145,11 @@ impl Doc {
         self.am.save()
     }
 
+    /// The length of a full save, leaving this document's save point alone.
+    pub fn save_copy_len(&self) -> usize {
+        self.am.clone().save().len()
+    }
+
     /// The changes since the last `save` or `save_incremental`.
     pub fn save_incremental(&mut self) -> Vec<u8> {
         self.am.save_incremental()
@@ -129,10 +164,22 @@ impl Doc {
         self.am.sync().generate_sync_message(&mut state.0).map(|m| m.encode())
     }
 
-    pub fn receive_sync(&mut self, state: &mut SyncState, bytes: &[u8]) -> Result<bool, DocError> {
-        let message = automerge::sync::Message::decode(bytes).map_err(|e| DocError::Malformed(e.to_string()))?;
+    /// Receives a parsed sync message; same safety as [`Doc::apply_changes`].
+    pub fn receive_sync(&mut self, state: &mut SyncState, message: automerge::sync::Message) -> Result<bool, DocError> {
         let before = self.am.get_heads();
-        self.am.sync().receive_sync_message(&mut state.0, message).map_err(|e| DocError::Malformed(e.to_string()))?;
-        Ok(self.am.get_heads() != before)
+        let mut copy = self.am.clone();
+        let mut state_copy = SyncState(state.0.clone());
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            copy.sync().receive_sync_message(&mut state_copy.0, message)
+        }));
+        match outcome {
+            Ok(Ok(())) => {
+                self.am = copy;
+                *state = state_copy;
+                Ok(self.am.get_heads() != before)
+            }
+            Ok(Err(e)) => Err(DocError::Malformed(e.to_string())),
+            Err(_) => Err(DocError::Malformed("automerge panicked on this sync message".into())),
+        }
     }
 }

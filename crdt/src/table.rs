@@ -38,10 +38,45 @@ pub enum TableError {
     Corrupt(String),
 }
 
+/// One document. A finished job's document is kept *cold*: its saved bytes (a few hundred)
+/// instead of a live Automerge document (tens of KiB in memory); it is loaded again on the
+/// rare occasions it is written or synced.
 struct Entry<R> {
-    doc: Doc,
+    doc: Option<Doc>,
+    cold: Option<Vec<u8>>,
     record: R,
     hash: u64,
+}
+
+impl<R: Default> Entry<R> {
+    fn new(actor: &ActorId) -> Entry<R> {
+        Entry { doc: Some(Doc::new(actor)), cold: None, record: R::default(), hash: 0 }
+    }
+
+    fn doc_mut(&mut self, actor: &ActorId) -> Result<&mut Doc, DocError> {
+        if self.doc.is_none() {
+            let bytes = self.cold.as_deref().unwrap_or_default();
+            let doc = Doc::load(bytes, actor)?;
+            self.cold = None;
+            self.doc = Some(doc);
+        }
+        // INVARIANT: just ensured above.
+        Ok(self.doc.as_mut().expect("document loaded"))
+    }
+
+    fn freeze(&mut self) {
+        if let Some(mut doc) = self.doc.take() {
+            self.cold = Some(doc.save());
+        }
+    }
+
+    fn save(&mut self) -> Vec<u8> {
+        match (&mut self.doc, &self.cold) {
+            (Some(doc), _) => doc.save(),
+            (None, Some(bytes)) => bytes.clone(),
+            (None, None) => Vec::new(),
+        }
+    }
 }
 
 /// What the table persists: appended records, replayed in order on load.
@@ -88,8 +123,11 @@ fn bucket_of(doc: &DocId) -> usize {
     (stable_hash(doc.key().as_bytes()) % BUCKETS as u64) as usize
 }
 
-fn entry_hash(doc: &DocId, heads_hash: u64) -> u64 {
-    mix64(stable_hash(doc.key().as_bytes()) ^ heads_hash)
+/// A document's contribution to its bucket. A document with no history yet (only changes
+/// waiting for their dependencies) contributes 0, as if absent: it is not persisted either, so
+/// it must hash the same before and after a restart.
+fn entry_hash(doc: &DocId, heads_hash: Option<u64>) -> u64 {
+    heads_hash.map_or(0, |h| mix64(stable_hash(doc.key().as_bytes()) ^ h))
 }
 
 impl Table {
@@ -122,27 +160,27 @@ impl Table {
 
     /// A job's record.
     pub fn job(&self, id: &str) -> Option<&JobRecord> {
-        self.jobs.get(id).map(|e| &e.record)
+        self.jobs.get(id).filter(|e| e.hash != 0).map(|e| &e.record)
     }
 
     /// All jobs, by id.
     pub fn jobs(&self) -> impl Iterator<Item = (&JobId, &JobRecord)> {
-        self.jobs.iter().map(|(id, e)| (id, &e.record))
+        self.jobs.iter().filter(|(_, e)| e.hash != 0).map(|(id, e)| (id, &e.record))
     }
 
     /// Number of job documents held.
     pub fn job_count(&self) -> usize {
-        self.jobs.len()
+        self.jobs.values().filter(|e| e.hash != 0).count()
     }
 
     /// A node's record.
     pub fn node(&self, id: &str) -> Option<&NodeRecord> {
-        self.nodes.get(id).map(|e| &e.record)
+        self.nodes.get(id).filter(|e| e.hash != 0).map(|e| &e.record)
     }
 
     /// All nodes, by id.
     pub fn nodes(&self) -> impl Iterator<Item = (&NodeId, &NodeRecord)> {
-        self.nodes.iter().map(|(id, e)| (id, &e.record))
+        self.nodes.iter().filter(|(_, e)| e.hash != 0).map(|(id, e)| (id, &e.record))
     }
 
     /// A node's state. A node the table has never heard of counts as alive: its claims stand
@@ -168,29 +206,31 @@ impl Table {
 
     // ---- local writes (always as the local node) ----
 
+    /// Writes one key as the local node. Writing to a compacted job is ignored (it must not
+    /// come back), and deleting from a document we do not hold creates nothing.
     fn write(&mut self, doc_id: DocId, key: &str, value: Option<&str>) {
         let actor = self.actor.clone();
         let change = match &doc_id {
             DocId::Node(id) => {
-                let entry = self.nodes.entry(id.clone()).or_insert_with(|| Entry {
-                    doc: Doc::new(&actor),
-                    record: NodeRecord::default(),
-                    hash: 0,
-                });
+                if value.is_none() && !self.nodes.contains_key(id) {
+                    return;
+                }
+                let entry = self.nodes.entry(id.clone()).or_insert_with(|| Entry::new(&actor));
+                let Ok(doc) = entry.doc_mut(&actor) else { return };
                 match value {
-                    Some(v) => entry.doc.put(key, v),
-                    None => entry.doc.delete(key),
+                    Some(v) => doc.put(key, v),
+                    None => doc.delete(key),
                 }
             }
             DocId::Job(id) => {
-                let entry = self.jobs.entry(id.clone()).or_insert_with(|| Entry {
-                    doc: Doc::new(&actor),
-                    record: JobRecord::default(),
-                    hash: 0,
-                });
+                if self.tombstones.contains_key(id) || (value.is_none() && !self.jobs.contains_key(id)) {
+                    return;
+                }
+                let entry = self.jobs.entry(id.clone()).or_insert_with(|| Entry::new(&actor));
+                let Ok(doc) = entry.doc_mut(&actor) else { return };
                 match value {
-                    Some(v) => entry.doc.put(key, v),
-                    None => entry.doc.delete(key),
+                    Some(v) => doc.put(key, v),
+                    None => doc.delete(key),
                 }
             }
         };
@@ -273,25 +313,27 @@ impl Table {
         let (old, new) = match doc_id {
             DocId::Node(id) => {
                 let Some(entry) = self.nodes.get_mut(id) else { return };
-                let entries = entry.doc.entries();
+                let Some(doc) = entry.doc.as_mut() else { return };
+                let entries = doc.entries();
                 entry.record = NodeRecord::parse(entries.iter().map(|(k, v)| (k.as_str(), v.as_str())));
                 let old = entry.hash;
-                entry.hash = entry_hash(doc_id, entry.doc.heads_hash());
+                entry.hash = entry_hash(doc_id, (!doc.is_empty()).then(|| doc.heads_hash()));
                 (old, entry.hash)
             }
             DocId::Job(id) => {
                 let Some(entry) = self.jobs.get_mut(id) else { return };
-                let entries = entry.doc.entries();
+                let Some(doc) = entry.doc.as_mut() else { return };
+                let entries = doc.entries();
                 entry.record = JobRecord::parse(entries.iter().map(|(k, v)| (k.as_str(), v.as_str())));
                 let old = entry.hash;
-                entry.hash = entry_hash(doc_id, entry.doc.heads_hash());
+                entry.hash = entry_hash(doc_id, (!doc.is_empty()).then(|| doc.heads_hash()));
                 (old, entry.hash)
             }
         };
         self.buckets[bucket] ^= old ^ new;
         if matches!(doc_id, DocId::Node(_)) {
             let records: BTreeMap<NodeId, NodeRecord> =
-                self.nodes.iter().map(|(id, e)| (id.clone(), e.record.clone())).collect();
+                self.nodes.iter().filter(|(_, e)| e.hash != 0).map(|(id, e)| (id.clone(), e.record.clone())).collect();
             self.states = membership(&records);
         }
         self.unsaved.insert(doc_id.clone());
@@ -310,56 +352,99 @@ impl Table {
 
     // ---- remote input ----
 
-    fn entry_for_remote(&mut self, doc_id: &DocId) -> Option<&mut Doc> {
+    /// Runs `op` on the document for remote input, creating it if needed. A document created
+    /// for input that turns out bad is removed again. One created for changes that wait for
+    /// their dependencies stays (the changes wait inside it) but counts as absent: hash 0, not
+    /// in summaries, not in membership. A compacted job gives `Ok(None)`.
+    fn with_remote_doc<T>(
+        &mut self,
+        doc_id: &DocId,
+        op: impl FnOnce(&mut Doc) -> Result<T, DocError>,
+    ) -> Result<Option<T>, TableError> {
         let actor = self.actor.clone();
-        match doc_id {
-            DocId::Node(id) => Some(
-                &mut self
-                    .nodes
-                    .entry(id.clone())
-                    .or_insert_with(|| Entry { doc: Doc::new(&actor), record: NodeRecord::default(), hash: 0 })
-                    .doc,
-            ),
+        let result = match doc_id {
+            DocId::Node(id) => {
+                let created = !self.nodes.contains_key(id);
+                let entry = self.nodes.entry(id.clone()).or_insert_with(|| Entry::new(&actor));
+                let result = entry.doc_mut(&actor).and_then(op);
+                let empty = entry.doc.as_mut().is_some_and(|d| d.is_empty());
+                if created && result.is_err() && empty {
+                    self.nodes.remove(id);
+                }
+                result
+            }
             DocId::Job(id) => {
                 if self.tombstones.contains_key(id) {
-                    return None;
+                    return Ok(None);
                 }
-                Some(
-                    &mut self
-                        .jobs
-                        .entry(id.clone())
-                        .or_insert_with(|| Entry { doc: Doc::new(&actor), record: JobRecord::default(), hash: 0 })
-                        .doc,
-                )
+                let created = !self.jobs.contains_key(id);
+                let entry = self.jobs.entry(id.clone()).or_insert_with(|| Entry::new(&actor));
+                let result = entry.doc_mut(&actor).and_then(op);
+                let empty = entry.doc.as_mut().is_some_and(|d| d.is_empty());
+                if created && result.is_err() && empty {
+                    self.jobs.remove(id);
+                }
+                result
             }
-        }
+        };
+        Ok(Some(result?))
     }
 
     /// Applies changes pushed by a peer. Returns whether the document moved. A compacted job's
     /// changes are ignored (returns false). On error nothing changed.
     pub fn apply_changes(&mut self, doc_id: &DocId, changes: &[Vec<u8>]) -> Result<bool, TableError> {
-        let Some(doc) = self.entry_for_remote(doc_id) else { return Ok(false) };
-        let moved = doc.apply_changes(changes)?;
+        let parsed = Doc::parse_changes(changes)?;
+        let moved = self.with_remote_doc(doc_id, |doc| doc.apply_changes(parsed))?.unwrap_or(false);
         if moved {
             self.after_change(doc_id);
         }
         Ok(moved)
     }
 
-    /// The next sync message for `doc_id` in the session `state`, if any.
+    /// The next sync message for `doc_id` in the session `state`, if any. For a document not
+    /// held, the message asks the peer for all of it.
     pub fn generate_sync(&mut self, doc_id: &DocId, state: &mut SyncState) -> Option<Vec<u8>> {
-        let doc = self.entry_for_remote(doc_id)?;
-        doc.generate_sync(state)
+        let actor = self.actor.clone();
+        let entry_doc = match doc_id {
+            DocId::Node(id) => self.nodes.get_mut(id).map(|e| e.doc_mut(&actor)),
+            DocId::Job(id) => {
+                if self.tombstones.contains_key(id) {
+                    return None;
+                }
+                self.jobs.get_mut(id).map(|e| e.doc_mut(&actor))
+            }
+        };
+        match entry_doc {
+            Some(Ok(doc)) => doc.generate_sync(state),
+            Some(Err(_)) => None,
+            None => Doc::new(&actor).generate_sync(state),
+        }
     }
 
     /// Receives a sync message for `doc_id`. Returns whether the document moved.
     pub fn receive_sync(&mut self, doc_id: &DocId, state: &mut SyncState, bytes: &[u8]) -> Result<bool, TableError> {
-        let Some(doc) = self.entry_for_remote(doc_id) else { return Ok(false) };
-        let moved = doc.receive_sync(state, bytes)?;
+        let message = Doc::parse_sync(bytes)?;
+        let moved = self.with_remote_doc(doc_id, |doc| doc.receive_sync(state, message))?.unwrap_or(false);
         if moved {
             self.after_change(doc_id);
         }
         Ok(moved)
+    }
+
+    /// Keeps a job's document cold (saved bytes only) until it is next written or synced.
+    /// Documents with changes not yet persisted stay live.
+    pub fn freeze_job(&mut self, job: &str) {
+        if self.unsaved.contains(&DocId::Job(job.to_string())) {
+            return;
+        }
+        if let Some(entry) = self.jobs.get_mut(job) {
+            entry.freeze();
+        }
+    }
+
+    /// Number of job documents held live (not cold).
+    pub fn live_job_documents(&self) -> usize {
+        self.jobs.values().filter(|e| e.doc.is_some()).count()
     }
 
     // ---- digests ----
@@ -389,7 +474,7 @@ impl Table {
         let wanted: BTreeSet<usize> = buckets.iter().copied().collect();
         let nodes = self.nodes.iter().map(|(id, e)| (DocId::Node(id.clone()), e.hash));
         let jobs = self.jobs.iter().map(|(id, e)| (DocId::Job(id.clone()), e.hash));
-        nodes.chain(jobs).filter(|(d, _)| wanted.contains(&bucket_of(d))).collect()
+        nodes.chain(jobs).filter(|(d, h)| *h != 0 && wanted.contains(&bucket_of(d))).collect()
     }
 
     /// The entry hash of one document, if held.
@@ -441,8 +526,8 @@ impl Table {
         let mut out = Vec::new();
         for doc_id in std::mem::take(&mut self.unsaved) {
             let bytes = match &doc_id {
-                DocId::Node(id) => self.nodes.get_mut(id).map(|e| e.doc.save_incremental()),
-                DocId::Job(id) => self.jobs.get_mut(id).map(|e| e.doc.save_incremental()),
+                DocId::Node(id) => self.nodes.get_mut(id).and_then(|e| e.doc.as_mut()).map(|d| d.save_incremental()),
+                DocId::Job(id) => self.jobs.get_mut(id).and_then(|e| e.doc.as_mut()).map(|d| d.save_incremental()),
             };
             if let Some(bytes) = bytes.filter(|b| !b.is_empty()) {
                 out.push(encode(&PersistRecord::Doc { doc: doc_id, bytes }));
@@ -458,10 +543,10 @@ impl Table {
     pub fn snapshot(&mut self) -> Vec<u8> {
         let mut records = Vec::new();
         for (id, e) in &mut self.nodes {
-            records.push(PersistRecord::Doc { doc: DocId::Node(id.clone()), bytes: e.doc.save() });
+            records.push(PersistRecord::Doc { doc: DocId::Node(id.clone()), bytes: e.save() });
         }
         for (id, e) in &mut self.jobs {
-            records.push(PersistRecord::Doc { doc: DocId::Job(id.clone()), bytes: e.doc.save() });
+            records.push(PersistRecord::Doc { doc: DocId::Job(id.clone()), bytes: e.save() });
         }
         for (at_ms, job) in &self.tombstone_order {
             records.push(PersistRecord::Compacted { job: job.clone(), at_ms: *at_ms });
@@ -469,6 +554,20 @@ impl Table {
         self.unsaved.clear();
         self.compacted_unsaved.clear();
         encode(&Snapshot { records })
+    }
+
+    /// The size a snapshot would have now, without disturbing persistence (for measurements;
+    /// it copies every document, so it is slow).
+    pub fn measure_snapshot_len(&self) -> usize {
+        fn len<R>(e: &Entry<R>) -> usize {
+            match (&e.doc, &e.cold) {
+                (Some(doc), _) => doc.save_copy_len(),
+                (None, Some(bytes)) => bytes.len(),
+                (None, None) => 0,
+            }
+        }
+        let docs = self.nodes.values().map(len).chain(self.jobs.values().map(len));
+        docs.sum::<usize>() + self.tombstones.len() * 24
     }
 
     /// Restores from a snapshot and the records appended after it. Records are idempotent:
@@ -493,8 +592,7 @@ impl Table {
     fn restore_record(&mut self, record: PersistRecord) -> Result<(), TableError> {
         match record {
             PersistRecord::Doc { doc, bytes } => {
-                if let Some(d) = self.entry_for_remote(&doc) {
-                    d.load_incremental(&bytes)?;
+                if self.with_remote_doc(&doc, |d| d.load_incremental(&bytes))?.is_some() {
                     self.after_change(&doc);
                 }
             }

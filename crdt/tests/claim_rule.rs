@@ -581,7 +581,7 @@ fn a_superseded_node_can_take_over_when_the_winner_dies() {
 /// attempt, so a node crash (run Lost, the same attempt rerun by another node) is reported as
 /// a duplicate though the two copies never overlapped.
 #[test]
-#[ignore = "BUG (doc mismatch): duplicate_runs counts a Lost run and its sequential replacement at the same attempt as a concurrent duplicate"]
+
 fn a_lost_run_and_its_replacement_are_not_duplicates() {
     let spec = batch(3, 1000, 2.0);
     let mut rec = record(&spec);
