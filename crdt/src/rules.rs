@@ -183,8 +183,9 @@ pub struct InstanceView {
     pub failures: u32,
     /// The exit code of the deciding run, when finished.
     pub exit_code: Option<i32>,
-    /// Runs beyond one per attempt: copies that ran concurrently (during a partition, or
-    /// before a lost claim was noticed). Counted, never hidden (I3).
+    /// Runs beyond one per attempt, not counting runs lost to a restart: copies that ran
+    /// concurrently (during a partition, or before a lost claim was noticed). Counted, never
+    /// hidden (I3).
     pub duplicate_runs: u32,
     /// Nodes that failed this instance (for `restart.placement = other`).
     pub failed_on: BTreeSet<NodeId>,
@@ -212,9 +213,12 @@ pub fn evaluate_instance(
         .take_while(|((i, _, _), _)| *i == index)
         .map(|((_, a, n), r)| (*a, n, r))
         .collect();
+    // A lost run (its node restarted) and its replacement did not run side by side.
     let mut per_attempt: BTreeMap<u32, u32> = BTreeMap::new();
-    for (attempt, _, _) in &runs {
-        *per_attempt.entry(*attempt).or_default() += 1;
+    for (attempt, _, run) in &runs {
+        if run.status != RunStatus::Lost {
+            *per_attempt.entry(*attempt).or_default() += 1;
+        }
     }
     let duplicate_runs = per_attempt.values().map(|n| n.saturating_sub(1)).sum();
     let failed_attempts: BTreeSet<u32> =

@@ -899,3 +899,109 @@ fn make_workload(rng: &mut ChaCha8Rng, config: &SimConfig, j: usize) -> Workload
         RestartPolicy { attempts: 4, delay_ms: 100, backoff: 2.0, max_delay_ms: 2_000, ..RestartPolicy::default() };
     Workload { spec, fail_attempts, duration_ms }
 }
+
+/// Figures from a churn run: one node, jobs submitted and finished back to back.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChurnPoint {
+    /// Jobs submitted and finished so far.
+    pub jobs: usize,
+    /// Job documents held (live + retained finished).
+    pub job_documents: usize,
+    /// Tombstones held.
+    pub tombstones: usize,
+    /// Bytes on disk: the last snapshot plus the log appended since (8 bytes framing each).
+    pub disk_bytes: usize,
+    /// Size of a fresh snapshot of the table now.
+    pub snapshot_bytes: usize,
+    /// Resident memory of this process (VmRSS), in KiB, where /proc is available.
+    pub rss_kib: Option<u64>,
+}
+
+/// Runs `jobs` single-instance batch jobs through one node core, each finishing at once, and
+/// samples the table's size at the given job counts (I6: state stays bounded under churn).
+pub fn churn(
+    jobs: usize,
+    retain: usize,
+    sample_at: &[usize],
+    mut progress: impl FnMut(&ChurnPoint),
+) -> Vec<ChurnPoint> {
+    let mut config = EngineConfig::new("churn", Resources { cpu_millis: 1_000_000, memory_mb: 1_000_000 });
+    config.retention.finished_jobs = retain;
+    config.retention.tombstones = retain;
+    config.retention.finished_age_ms = u64::MAX / 4;
+    let mut engine = match Engine::new("churn-node".into(), config, 1, 0, None) {
+        Ok(e) => e,
+        Err(e) => panic!("a fresh engine cannot fail to start: {e}"),
+    };
+    let mut disk_snapshot = 0usize;
+    let mut disk_log = 0usize;
+    let mut out = Vec::new();
+    let mut now = 0u64;
+    let spec = JobSpec::command("true", Vec::<String>::new());
+    for i in 1..=jobs {
+        now += 20;
+        if engine.submit(now, spec.clone()).is_err() {
+            panic!("a valid spec was refused");
+        }
+        let mut pending_exit = Vec::new();
+        for t in [now, now + 16] {
+            engine.handle_timeout(t);
+            while let Some(o) = engine.poll_output() {
+                match o {
+                    Output::Persist(records) => disk_log += records.iter().map(|r| r.len() + 8).sum::<usize>(),
+                    Output::Snapshot(bytes) => {
+                        disk_snapshot = bytes.len() + 16;
+                        disk_log = 0;
+                    }
+                    Output::StartTask(start) => pending_exit.push(start.task),
+                    _ => {}
+                }
+            }
+        }
+        for task in pending_exit {
+            engine.handle_task_exited(now + 17, &task, 0);
+        }
+        while let Some(o) = engine.poll_output() {
+            match o {
+                Output::Persist(records) => disk_log += records.iter().map(|r| r.len() + 8).sum::<usize>(),
+                Output::Snapshot(bytes) => {
+                    disk_snapshot = bytes.len() + 16;
+                    disk_log = 0;
+                }
+                _ => {}
+            }
+        }
+        if sample_at.contains(&i) || i == jobs {
+            // One more compaction pass so the sample sees the steady state.
+            engine.handle_timeout(now + 2_000);
+            while let Some(o) = engine.poll_output() {
+                match o {
+                    Output::Persist(records) => disk_log += records.iter().map(|r| r.len() + 8).sum::<usize>(),
+                    Output::Snapshot(bytes) => {
+                        disk_snapshot = bytes.len() + 16;
+                        disk_log = 0;
+                    }
+                    _ => {}
+                }
+            }
+            now += 2_000;
+            let point = ChurnPoint {
+                jobs: i,
+                job_documents: engine.table().job_count(),
+                tombstones: engine.table().tombstone_count(),
+                disk_bytes: disk_snapshot + disk_log,
+                snapshot_bytes: engine.snapshot_len(),
+                rss_kib: rss_kib(),
+            };
+            progress(&point);
+            out.push(point);
+        }
+    }
+    out
+}
+
+fn rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}

@@ -22,6 +22,24 @@ struct Cli {
 enum Command {
     /// Run simulations over one or more seeds and check the invariants.
     Run(RunArgs),
+    /// Push many jobs through one node core and sample its table's size (I6: bounded state).
+    Churn(ChurnArgs),
+}
+
+#[derive(Parser, Clone)]
+struct ChurnArgs {
+    /// Jobs to submit and finish.
+    #[arg(long, default_value_t = 1_000_000)]
+    jobs: usize,
+    /// Finished jobs retained.
+    #[arg(long, default_value_t = 10_000)]
+    retain: usize,
+    /// Job counts at which to sample (comma-separated); the end is always sampled.
+    #[arg(long, default_value = "20000,100000,250000,500000")]
+    sample_at: String,
+    /// Print the samples as JSON lines.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Parser, Clone)]
@@ -87,7 +105,10 @@ struct Summary {
 
 fn main() {
     let cli = Cli::parse();
-    let Command::Run(args) = cli.command;
+    let args = match cli.command {
+        Command::Run(args) => args,
+        Command::Churn(args) => return churn(args),
+    };
     let faults = match Fault::parse_list(&args.faults) {
         Ok(f) => f,
         Err(e) => {
@@ -141,7 +162,7 @@ fn main() {
                     r[k] = Some(result);
                 }
                 let d = done.fetch_add(1, Ordering::SeqCst) + 1;
-                if !args.json && (args.seeds > 1) && (d % 10 == 0 || d as u64 == args.seeds) {
+                if !args.json && (args.seeds > 1) && (d.is_multiple_of(10) || d as u64 == args.seeds) {
                     eprint!("\r{d}/{} seeds, {:.1} s", args.seeds, started.elapsed().as_secs_f64());
                     let _ = std::io::stderr().flush();
                 }
@@ -220,4 +241,40 @@ fn print_table(s: &Summary) {
     } else {
         println!("result                       FAILED seeds {:?}", s.failing_seeds);
     }
+}
+
+fn churn(args: ChurnArgs) {
+    let mut samples = Vec::new();
+    for part in args.sample_at.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.parse::<usize>() {
+            Ok(n) => samples.push(n),
+            Err(_) => {
+                eprintln!("error: --sample-at: `{part}` is not a job count");
+                std::process::exit(2);
+            }
+        }
+    }
+    let started = Instant::now();
+    if !args.json {
+        println!(
+            "{:>10} {:>10} {:>10} {:>12} {:>12} {:>10} {:>8}",
+            "jobs", "job docs", "tombstones", "disk bytes", "snapshot", "rss KiB", "wall s"
+        );
+    }
+    colony_sim::churn(args.jobs, args.retain, &samples, |p| {
+        if args.json {
+            println!("{}", serde_json::to_string(p).unwrap_or_default());
+        } else {
+            println!(
+                "{:>10} {:>10} {:>10} {:>12} {:>12} {:>10} {:>8.1}",
+                p.jobs,
+                p.job_documents,
+                p.tombstones,
+                p.disk_bytes,
+                p.snapshot_bytes,
+                p.rss_kib.map_or("-".to_string(), |r| r.to_string()),
+                started.elapsed().as_secs_f64()
+            );
+        }
+    });
 }

@@ -63,7 +63,9 @@ pub struct Retention {
     pub finished_jobs: usize,
     /// Finished jobs older than this are compacted whatever their number.
     pub finished_age_ms: u64,
-    /// Ids of compacted jobs remembered, so a lagging peer cannot hand one back.
+    /// Ids of compacted jobs remembered, so a lagging peer cannot hand one back. As many as
+    /// the finished jobs kept: state stays flat under churn (I6), and a peer that lags by more
+    /// than a whole retention window gets its stale jobs compacted again by the same rule.
     pub tombstones: usize,
     /// Tombstones older than this are forgotten. A peer partitioned for longer may bring a
     /// finished job back; it is then compacted again (finished jobs never re-run).
@@ -75,7 +77,7 @@ impl Default for Retention {
         Retention {
             finished_jobs: 10_000,
             finished_age_ms: 24 * 3_600_000,
-            tombstones: 100_000,
+            tombstones: 10_000,
             tombstone_age_ms: 7 * 24 * 3_600_000,
         }
     }

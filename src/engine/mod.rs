@@ -27,6 +27,12 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use swim::Swim;
 
+/// What durable storage held at start: the snapshot, and the records appended after it.
+pub type Restored<'a> = (Option<&'a [u8]>, &'a [Vec<u8>]);
+
+/// One job's claims and running runs by this node from an earlier boot.
+type EarlierWork = (JobId, Vec<(u32, Claim)>, Vec<(u32, u32, Run)>);
+
 /// Identifies one run of one instance on this node: `<job>/<index>/<attempt>`.
 pub type TaskId = String;
 
@@ -215,7 +221,7 @@ impl Engine {
         config: EngineConfig,
         seed: u64,
         now_ms: u64,
-        restored: Option<(Option<&[u8]>, &[Vec<u8>])>,
+        restored: Option<Restored<'_>>,
     ) -> Result<Engine, EngineError> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let boot: u64 = rng.gen();
@@ -279,7 +285,7 @@ impl Engine {
         self.refute_if_needed(true);
         // Work of an earlier boot is gone (the processes died with it, or were killed by the
         // driver): record it as lost and give the claims up, so the instances run again.
-        let mine: Vec<(JobId, Vec<(u32, Claim)>, Vec<(u32, u32, Run)>)> = self
+        let mine: Vec<EarlierWork> = self
             .table
             .jobs()
             .map(|(id, rec)| {
@@ -359,6 +365,11 @@ impl Engine {
     /// Tasks this node runs now.
     pub fn running_tasks(&self) -> impl Iterator<Item = (&TaskId, (&str, u32, u32))> {
         self.tasks.iter().map(|(id, t)| (id, (t.job.as_str(), t.index, t.attempt)))
+    }
+
+    /// The size a snapshot of the table would have now (for measurements; slow).
+    pub fn snapshot_len(&self) -> usize {
+        self.table.measure_snapshot_len()
     }
 
     /// Jobs held, by status (from the evaluation cache: cheap enough for every metrics scrape).
@@ -1051,6 +1062,10 @@ impl Engine {
             .filter(|(_, id)| !self.has_local_work(id))
             .collect();
         let retention = self.config.retention.clone();
+        // Finished jobs change rarely: keep their documents cold (I6, memory).
+        for (_, job) in &finished {
+            self.table.freeze_job(job);
+        }
         let doomed = rules::jobs_to_compact(&finished, now_ms, retention.finished_jobs, retention.finished_age_ms);
         for job in doomed {
             self.table.compact_job(&job, now_ms);
@@ -1130,12 +1145,10 @@ impl Engine {
         }
         let key = (peer.to_string(), doc.clone());
         let mut session = self.sessions.remove(&key).unwrap_or_default();
-        match self.table.generate_sync(&doc, &mut session) {
-            Some(data) => {
-                self.sends.push((peer.to_string(), Message::Sync { doc, data }));
-                self.sessions.insert(key, session);
-            }
-            None => {} // in sync: the session is dropped to keep memory bounded
+        // In sync (None): the session is dropped to keep memory bounded.
+        if let Some(data) = self.table.generate_sync(&doc, &mut session) {
+            self.sends.push((peer.to_string(), Message::Sync { doc, data }));
+            self.sessions.insert(key, session);
         }
     }
 

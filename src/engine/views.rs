@@ -190,18 +190,23 @@ impl Engine {
         nodes
     }
 
-    /// Whether a job's instance ended here with a run (for log lookup): the node that ran
-    /// `index` at `attempt`.
+    /// The node whose logs tell instance `index`'s story: the owner (the winner, or the node
+    /// that finished it) when it ran it, else the node of the latest run that was not lost.
     pub fn runner_of(&self, job: &str, index: u32) -> Option<String> {
         let record = self.table.job(job)?;
-        record
-            .runs
-            .range((index, 0, String::new())..)
-            .take_while(|((i, _, _), _)| *i == index)
+        let header = record.header.as_ref()?;
+        let state = |n: &str| self.node_states.get(n).copied().unwrap_or(NodeState::Alive);
+        let view = evaluate_instance(job, record, &header.spec, index, &state);
+        let runs = || record.runs.range((index, 0, String::new())..).take_while(|((i, _, _), _)| *i == index);
+        if let Some(owner) = view.owner {
+            if runs().any(|((_, _, n), _)| *n == owner) {
+                return Some(owner);
+            }
+        }
+        runs()
             .filter(|(_, r)| r.status != RunStatus::Lost)
-            .map(|((_, a, n), _)| (*a, n.clone()))
-            .max()
-            .map(|(_, n)| n)
+            .max_by_key(|((a, _, n), r)| (*a, r.started_ms, n.clone()))
+            .map(|((_, _, n), _)| n.clone())
     }
 }
 
