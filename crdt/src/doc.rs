@@ -4,7 +4,7 @@
 use crate::hash::stable_hash;
 use automerge::sync::SyncDoc;
 use automerge::transaction::{CommitOptions, Transactable};
-use automerge::{ActorId, AutoCommit, Change, ReadDoc, ScalarValueRef, ValueRef, ROOT};
+use automerge::{ActorId, AutoCommit, Change, ChangeHash, ReadDoc, ScalarValueRef, ValueRef, ROOT};
 
 /// Errors from Automerge on remote input. The document is unchanged when one is returned.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +117,12 @@ impl Doc {
     /// `Change::from_bytes`). A peer's bytes must never crash the node (I7), so the apply runs
     /// on a copy under `catch_unwind`; on panic or error the document is left as it was.
     pub fn apply_changes(&mut self, changes: Vec<Change>) -> Result<bool, DocError> {
+        // Most pushes and anti-entropy rounds carry changes we hold already: skip those without
+        // paying for the protective copy below.
+        let changes = self.unknown(changes);
+        if changes.is_empty() {
+            return Ok(false);
+        }
         let before = self.am.get_heads();
         let mut copy = self.am.clone();
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| copy.apply_changes(changes)));
@@ -128,6 +134,19 @@ impl Doc {
             Ok(Err(e)) => Err(DocError::Malformed(e.to_string())),
             Err(_) => Err(DocError::Malformed("automerge panicked on these changes".into())),
         }
+    }
+
+    /// The changes among `changes` that this document does not hold yet.
+    fn unknown(&mut self, changes: Vec<Change>) -> Vec<Change> {
+        let mut changes = changes;
+        let hashes: Vec<ChangeHash> = changes.iter_mut().map(|c| c.hash()).collect();
+        let missing: std::collections::BTreeSet<ChangeHash> = self.am.get_missing_deps(&hashes).into_iter().collect();
+        changes.into_iter().zip(hashes).filter(|(_, h)| missing.contains(h)).map(|(c, _)| c).collect()
+    }
+
+    /// The hashes of every change held.
+    pub fn change_hashes(&mut self) -> Vec<ChangeHash> {
+        self.am.get_changes(&[]).iter_mut().map(|c| c.hash()).collect()
     }
 
     /// A hash of the current heads: equal on two nodes exactly when they hold the same history.

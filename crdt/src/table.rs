@@ -44,13 +44,15 @@ pub enum TableError {
 struct Entry<R> {
     doc: Option<Doc>,
     cold: Option<Vec<u8>>,
+    /// For a cold document: the hashes of its changes, so a duplicate push does not load it.
+    cold_hashes: Vec<automerge::ChangeHash>,
     record: R,
     hash: u64,
 }
 
 impl<R: Default> Entry<R> {
     fn new(actor: &ActorId) -> Entry<R> {
-        Entry { doc: Some(Doc::new(actor)), cold: None, record: R::default(), hash: 0 }
+        Entry { doc: Some(Doc::new(actor)), cold: None, cold_hashes: Vec::new(), record: R::default(), hash: 0 }
     }
 
     fn doc_mut(&mut self, actor: &ActorId) -> Result<&mut Doc, DocError> {
@@ -58,6 +60,7 @@ impl<R: Default> Entry<R> {
             let bytes = self.cold.as_deref().unwrap_or_default();
             let doc = Doc::load(bytes, actor)?;
             self.cold = None;
+            self.cold_hashes = Vec::new();
             self.doc = Some(doc);
         }
         // INVARIANT: just ensured above.
@@ -66,8 +69,14 @@ impl<R: Default> Entry<R> {
 
     fn freeze(&mut self) {
         if let Some(mut doc) = self.doc.take() {
+            self.cold_hashes = doc.change_hashes();
             self.cold = Some(doc.save());
         }
+    }
+
+    /// Whether every change is already held by this cold document.
+    fn cold_and_known(&self, changes: &mut [automerge::Change]) -> bool {
+        self.doc.is_none() && self.cold.is_some() && changes.iter_mut().all(|c| self.cold_hashes.contains(&c.hash()))
     }
 
     fn save(&mut self) -> Vec<u8> {
@@ -393,7 +402,14 @@ impl Table {
     /// Applies changes pushed by a peer. Returns whether the document moved. A compacted job's
     /// changes are ignored (returns false). On error nothing changed.
     pub fn apply_changes(&mut self, doc_id: &DocId, changes: &[Vec<u8>]) -> Result<bool, TableError> {
-        let parsed = Doc::parse_changes(changes)?;
+        let mut parsed = Doc::parse_changes(changes)?;
+        let known = match doc_id {
+            DocId::Node(id) => self.nodes.get(id).is_some_and(|e| e.cold_and_known(&mut parsed)),
+            DocId::Job(id) => self.jobs.get(id).is_some_and(|e| e.cold_and_known(&mut parsed)),
+        };
+        if known {
+            return Ok(false);
+        }
         let moved = self.with_remote_doc(doc_id, |doc| doc.apply_changes(parsed))?.unwrap_or(false);
         if moved {
             self.after_change(doc_id);

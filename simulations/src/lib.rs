@@ -127,6 +127,9 @@ pub struct SimConfig {
     pub retention: Retention,
     /// Print scenario steps to stderr.
     pub trace: bool,
+    /// Print progress (virtual time, events, messages) to stderr every few seconds of wall
+    /// time: for long runs. Display only; it does not affect the run.
+    pub progress: bool,
 }
 
 impl SimConfig {
@@ -145,6 +148,7 @@ impl SimConfig {
             timing: Timing::default(),
             retention: Retention::default(),
             trace: false,
+            progress: false,
         }
     }
 }
@@ -413,7 +417,24 @@ impl Sim {
     }
 
     fn run_events(&mut self) {
+        let started = std::time::Instant::now();
+        let mut last_report = started;
+        let mut events: u64 = 0;
         while let Some(Reverse((at, _, slot))) = self.queue.pop() {
+            events += 1;
+            if self.config.progress && events.is_multiple_of(4096) && last_report.elapsed().as_secs() >= 5 {
+                last_report = std::time::Instant::now();
+                let phase = if self.heal_at.is_some() { "liveness" } else { "faults" };
+                eprintln!(
+                    "seed {}: {phase} phase, virtual {:.1} s, {} events, {} messages, {} task starts, {:.0} s wall",
+                    self.config.seed,
+                    self.now as f64 / 1000.0,
+                    events,
+                    self.result.messages,
+                    self.result.task_starts,
+                    started.elapsed().as_secs_f64()
+                );
+            }
             let Some(ev) = self.events.remove(&slot) else { continue };
             self.now = at;
             if let Some(heal) = self.heal_at {

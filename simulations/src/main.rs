@@ -135,6 +135,7 @@ fn main() {
                 config.faults = faults.clone();
                 config.fault_phase_ms = args.fault_phase_ms;
                 config.trace = args.trace;
+                config.progress = !args.json && args.seeds == 1;
                 if let Some(n) = args.retain_jobs {
                     config.retention.finished_jobs = n;
                 }
