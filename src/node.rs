@@ -313,8 +313,10 @@ impl NodeBuilder {
     /// Runs jobs whose `spec.driver` is `name` with `driver`. `exec` (child processes) is
     /// always registered; registering another driver under that name replaces it.
     ///
-    /// Every node that may be picked for a job must have its driver: a node without it fails
-    /// the attempt (the restart policy then retries it).
+    /// The node publishes the names of its drivers and claims only jobs whose driver it has:
+    /// a job for a driver registered on some nodes runs on one of those, and stays pending
+    /// while none of them is up. Register the same driver on every node that should share
+    /// the work.
     pub fn driver(mut self, name: impl Into<String>, driver: impl Driver) -> Self {
         self.drivers.insert(name.into(), Arc::new(driver));
         self
@@ -401,6 +403,9 @@ impl NodeBuilder {
         config.timing = self.timing;
         config.retention = self.retention;
         config.limits = self.limits;
+        // The engine claims only jobs whose driver is registered here, and publishes the
+        // list in its node record so peers do not rank this node for the others.
+        config.drivers = drivers.keys().cloned().collect();
         let seed: u64 = rand::random();
         let id = peer_id.to_string();
         let restored_ref = restored.as_ref().map(|(snap, records)| (snap.as_deref(), records.as_slice()));

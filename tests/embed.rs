@@ -410,3 +410,57 @@ async fn a_crashed_exec_task_is_killed_and_a_stopped_one_ends() {
     assert_eq!(node.running_tasks().await.unwrap(), 0);
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_run_only_where_their_driver_is() {
+    init_tracing();
+    let ran: Arc<Mutex<Vec<String>>> = Arc::default();
+    let ran2 = ran.clone();
+    let has = builder("has")
+        .driver(
+            "only-here",
+            driver_fn(move |ctx: TaskContext| {
+                let ran = ran2.clone();
+                async move {
+                    ran.lock().unwrap().push(ctx.node.clone());
+                    0
+                }
+            }),
+        )
+        .start()
+        .await
+        .unwrap();
+    let lacks = builder("lacks").seed(has.listen_addrs()[0].clone()).start().await.unwrap();
+    let pair = [&has, &lacks];
+    eventually("two nodes", || all_alive(&pair, 2)).await;
+    eventually("a full mesh", || full_mesh(&pair)).await;
+
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        ids.push(lacks.submit(in_process("only-here", JobKind::Batch)).await.unwrap());
+    }
+    for id in &ids {
+        eventually("the job succeeded", || async {
+            (status_on(&lacks, id).await == Some(JobStatus::Succeeded)).then_some(())
+        })
+        .await;
+        let job = lacks.job(id).await.unwrap();
+        for inst in &job.instances {
+            assert_eq!(inst.node_id.as_deref(), Some(has.id()), "{job:?}");
+            for run in &inst.runs {
+                assert_eq!(run.node_id, has.id(), "a run on the node without the driver: {job:?}");
+                assert_eq!(run.exit_code, Some(0), "{job:?}");
+            }
+            assert_eq!(inst.failures, 0, "{job:?}");
+        }
+    }
+    let ran = ran.lock().unwrap().clone();
+    assert_eq!(ran.len(), 10);
+    assert!(ran.iter().all(|n| n == has.id()));
+    let stats = lacks.io_stats().await.unwrap();
+    assert_eq!(stats.tasks_started, 0);
+    assert_eq!(stats.tasks_start_failed, 0, "the node without the driver tried to start work");
+
+    lacks.shutdown().await;
+    has.shutdown().await;
+}

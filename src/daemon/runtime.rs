@@ -196,8 +196,16 @@ impl Runtime {
             seed = parts.seed,
             boot = parts.engine.boot(),
             incarnation = parts.engine.incarnation(),
+            drivers = ?parts.engine.config().drivers,
             "engine started"
         );
+        // The engine claims only jobs whose driver its config names: a name without a
+        // registered driver here would make this node claim work it then fails to start.
+        for name in &parts.engine.config().drivers {
+            if !parts.drivers.contains_key(name) {
+                tracing::warn!(driver = %name, "the engine config names a driver not registered on this node");
+            }
+        }
         Runtime {
             tasks: FuturesUnordered::new(),
             running: HashMap::new(),
