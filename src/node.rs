@@ -1,27 +1,5 @@
-//! The library facade: a Colony node embedded in a Rust program.
-//!
-//! ```no_run
-//! # async fn demo() -> Result<(), colony::Error> {
-//! use colony::{driver_fn, JobSpec, Node, TaskContext};
-//!
-//! let node = Node::builder()
-//!     .name("worker-1")
-//!     .data_dir("/var/lib/colony")
-//!     .listen("/ip4/0.0.0.0/tcp/7475".parse().unwrap())
-//!     .driver("hello", driver_fn(|ctx: TaskContext| async move {
-//!         println!("instance {} of {}", ctx.index, ctx.job);
-//!         0
-//!     }))
-//!     .start()
-//!     .await?;
-//! let mut spec = JobSpec::command("unused", Vec::<String>::new());
-//! spec.driver = "hello".into();
-//! let id = node.submit(spec).await?;
-//! println!("{:?}", node.job(&id).await?.status);
-//! node.shutdown().await;
-//! # Ok(())
-//! # }
-//! ```
+//! The library facade: a Colony node embedded in a Rust program. Documented at the crate root
+//! and on [`Node`]; the types are re-exported there.
 //!
 //! A [`Node`] is a cheap handle (`Clone`, an `Arc` inside) to one tokio task that owns the
 //! node core and its IO ([`daemon::runtime`](crate::daemon::runtime)). Several nodes can live
@@ -48,7 +26,120 @@ use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::Instrument;
 
-pub use crate::daemon::tasks::{driver_fn, CancelToken, Canceller, Driver, FnDriver, TaskContext};
+pub use crate::daemon::tasks::{CancelToken, Canceller, FnDriver, TaskContext};
+
+/// In-process work: register a driver under a name with [`NodeBuilder::driver`], and jobs
+/// whose `spec.driver` is that name run as its futures, on nodes that registered it (a node
+/// never claims a job whose driver it lacks). [`driver_fn`] makes one from a closure.
+///
+/// # Example
+///
+/// A driver as a type, holding shared state: it counts the items of each partition it has
+/// done. Tested here without a node: [`CancelToken::new`] makes the token the runtime would
+/// pass.
+///
+/// ```
+/// use colony::{CancelToken, Driver, JobSpec, TaskContext};
+/// use futures::future::BoxFuture;
+/// use std::collections::HashMap;
+/// use std::sync::{Arc, Mutex};
+/// use std::time::Duration;
+///
+/// #[derive(Default)]
+/// struct Indexer {
+///     done: Arc<Mutex<HashMap<String, u32>>>,
+/// }
+///
+/// impl Driver for Indexer {
+///     fn run(&self, ctx: TaskContext) -> BoxFuture<'static, i32> {
+///         let done = Arc::clone(&self.done);
+///         Box::pin(async move {
+///             let Some(partition) = ctx.spec.args.first().cloned() else { return 2 };
+///             tokio::select! {
+///                 () = tokio::time::sleep(Duration::from_millis(10)) => {
+///                     *done.lock().unwrap().entry(partition).or_default() += 1;
+///                     0
+///                 }
+///                 // The job was stopped, or this node is leaving: end soon.
+///                 () = ctx.cancel.cancelled() => 143,
+///             }
+///         })
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let indexer = Indexer::default();
+/// let context = |cancel: CancelToken| {
+///     let mut spec = JobSpec::command("index", ["partition-7"]);
+///     spec.driver = "index".into();
+///     let (task, node, job) = ("job-1/0/0".into(), "node-1".into(), "job-1".into());
+///     TaskContext { task, node, job, index: 0, attempt: 0, spec, cancel }
+/// };
+/// let (_keep, token) = CancelToken::new();
+/// assert_eq!(indexer.run(context(token)).await, 0);
+/// let (canceller, token) = CancelToken::new();
+/// canceller.cancel();
+/// assert_eq!(indexer.run(context(token)).await, 143);
+/// assert_eq!(indexer.done.lock().unwrap()["partition-7"], 1);
+/// # }
+/// ```
+///
+/// Register it with [`NodeBuilder::driver`]`("index", Indexer::default())` and submit jobs
+/// whose `spec.driver` is `"index"`.
+///
+/// # Contract
+///
+#[doc(inline)]
+pub use crate::daemon::tasks::Driver;
+
+/// An in-process handler from an async closure: the closure gets a [`TaskContext`] per task,
+/// and its future's output is the task's exit code.
+///
+/// # Example: one partition per job
+///
+/// Every replica of a service registers the same handler; each partition is a `Service` job
+/// (it runs until stopped, and is restarted if it ends). Colony runs each partition on one
+/// live replica that has the handler, and when that replica dies or shuts down, on another.
+/// Two copies can overlap briefly (a handover, a claim race, a network partition); the one
+/// that loses is cancelled and the overlap is counted in `duplicate_runs`, so a handler
+/// should tolerate it (idempotent writes, or a fencing token from the system it writes to).
+///
+/// ```no_run
+/// use colony::crdt::JobKind;
+/// use colony::{driver_fn, JobSpec, Node, TaskContext};
+///
+/// # async fn replica(seed: colony::Multiaddr) -> Result<(), colony::Error> {
+/// let node = Node::builder()
+///     .seed(seed)
+///     .driver(
+///         "consume",
+///         driver_fn(|ctx: TaskContext| async move {
+///             let partition: u32 = ctx.spec.args[0].parse().unwrap_or(0);
+///             println!("consuming partition {partition} on node {}", ctx.node);
+///             // ... consume until told to stop (the node leaves, or the job is stopped) ...
+///             ctx.cancel.cancelled().await;
+///             0
+///         }),
+///     )
+///     .start()
+///     .await?;
+///
+/// // Once, from any replica: one job per partition.
+/// for partition in 0..16 {
+///     let mut spec = JobSpec::command(format!("partition-{partition}"), [partition.to_string()]);
+///     spec.driver = "consume".into();
+///     spec.kind = JobKind::Service;
+///     node.submit(spec).await?;
+/// }
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # A minimal one
+///
+#[doc(inline)]
+pub use crate::daemon::tasks::driver_fn;
 pub use crate::engine::{Event, InstanceJson, JobJson, Limits, NodeJson, Retention, RunJson, Timing};
 pub use colony_net::ClusterKey;
 
@@ -191,6 +282,37 @@ impl EventStream {
 }
 
 /// Configures and starts a [`Node`]. Get one with [`Node::builder`].
+///
+/// # Example: a persistent node
+///
+/// A node that keeps its identity and the table across restarts, listens on every interface,
+/// joins through two seeds (and mDNS on the LAN), only talks to holders of the cluster key,
+/// and offers two cores and 4 GiB to jobs:
+///
+/// ```no_run
+/// use colony::{ClusterKey, Node, Timing};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// // Written once by `colony keygen --out cluster.key` (or `ClusterKey::to_file_string`).
+/// let key = ClusterKey::from_file_string(&std::fs::read_to_string("/etc/colony/cluster.key")?)?;
+/// let node = Node::builder()
+///     .name("worker-1")
+///     .data_dir("/var/lib/colony")
+///     .listen("/ip4/0.0.0.0/tcp/7475".parse()?)
+///     .seed("/ip4/10.0.0.1/tcp/7475".parse()?)
+///     .seed("/ip4/10.0.0.2/tcp/7475".parse()?)
+///     .cluster_key(key)
+///     .cpu_millis(2_000)
+///     .memory_mb(4_096)
+///     .label("zone", "eu-1")
+///     .timing(Timing::default())
+///     .start()
+///     .await?;
+/// println!("node {} listening on {:?}", node.id(), node.listen_addrs());
+/// # node.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
 pub struct NodeBuilder {
     name: Option<String>,
     data_dir: Option<PathBuf>,
@@ -488,11 +610,55 @@ impl Drop for Inner {
 }
 
 /// A running Colony node: a cheap handle (`Clone`, an `Arc` inside) to one tokio task that
-/// owns the node core and its IO. Several nodes can live in one process.
+/// owns the node core and its IO. Several nodes can live in one process. Start one with
+/// [`Node::builder`]; it must be started (and used) inside a tokio runtime.
 ///
 /// [`Node::shutdown`] leaves the cluster gracefully. Dropping every handle without it behaves
 /// like a crash: running work stops abruptly (in-process futures are dropped, exec process
 /// groups killed), nothing is announced, and peers find out by failure detection.
+///
+/// # Example: two nodes joined by a seed, with a cluster key
+///
+/// ```
+/// use colony::crdt::NodeState;
+/// use colony::{ClusterKey, Node};
+/// use std::time::{Duration, Instant};
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let key = ClusterKey::generate(); // every node of the cluster gets the same key
+/// let start = |name: &str, seed: Option<colony::Multiaddr>| {
+///     let mut builder = Node::builder()
+///         .name(name)
+///         .in_memory()
+///         .listen("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+///         .mdns(false)
+///         .cluster_key(key);
+///     if let Some(seed) = seed {
+///         builder = builder.seed(seed);
+///     }
+///     builder.start()
+/// };
+/// let a = start("a", None).await?;
+/// // `listen_addrs` end in `/p2p/<id>`: ready to give to another node as a seed.
+/// let b = start("b", Some(a.listen_addrs()[0].clone())).await?;
+///
+/// let deadline = Instant::now() + Duration::from_secs(20);
+/// loop {
+///     let seen = b.nodes().await?;
+///     if seen.len() == 2 && seen.iter().all(|n| n.state == NodeState::Alive) {
+///         break;
+///     }
+///     assert!(Instant::now() < deadline, "b never saw a");
+///     tokio::time::sleep(Duration::from_millis(20)).await;
+/// }
+/// assert_eq!(b.health().await?.peers, 1);
+///
+/// b.shutdown().await; // a learns at once that b left
+/// a.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Node {
     inner: Arc<Inner>,
