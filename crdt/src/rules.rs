@@ -35,9 +35,16 @@ impl NodeState {
 /// death certificate for an incarnation at least its own: one observer suffices, because
 /// waiting for agreement would need a quorum, and a wrong certificate costs only a refutation.
 pub fn membership(records: &BTreeMap<NodeId, NodeRecord>) -> BTreeMap<NodeId, NodeState> {
+    membership_of(records.iter())
+}
+
+/// [`membership`] over any iteration of (node, record), so callers need not collect a map.
+pub fn membership_of<'a>(
+    records: impl Iterator<Item = (&'a NodeId, &'a NodeRecord)> + Clone,
+) -> BTreeMap<NodeId, NodeState> {
     let mut worst_death: BTreeMap<&str, u64> = BTreeMap::new();
     let mut worst_suspect: BTreeMap<&str, u64> = BTreeMap::new();
-    for (observer, record) in records {
+    for (observer, record) in records.clone() {
         for (target, inc) in &record.deaths {
             if target != observer {
                 let e = worst_death.entry(target.as_str()).or_insert(0);

@@ -18,7 +18,7 @@ use crate::hash::{mix64, stable_hash};
 use crate::records::{
     keys, Claim, DocId, JobHeader, JobId, JobRecord, NodeId, NodeInfo, NodeMode, NodeRecord, Run, StopRequest,
 };
-use crate::rules::{membership, NodeState};
+use crate::rules::{membership_of, NodeState};
 use automerge::ActorId;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -341,9 +341,7 @@ impl Table {
         };
         self.buckets[bucket] ^= old ^ new;
         if matches!(doc_id, DocId::Node(_)) {
-            let records: BTreeMap<NodeId, NodeRecord> =
-                self.nodes.iter().filter(|(_, e)| e.hash != 0).map(|(id, e)| (id.clone(), e.record.clone())).collect();
-            self.states = membership(&records);
+            self.states = membership_of(self.nodes.iter().filter(|(_, e)| e.hash != 0).map(|(id, e)| (id, &e.record)));
         }
         self.unsaved.insert(doc_id.clone());
         self.changed.insert(doc_id.clone());

@@ -934,7 +934,12 @@ impl Engine {
         // ahead of ours cannot push the moment past when we first saw it.
         let shared = if view.not_before_ms > 0 { view.not_before_ms } else { submitted_at_ms };
         let since = if view.attempt == 0 || view.not_before_ms > 0 { shared.min(first_seen) } else { first_seen };
-        let due = since + u64::from(position) * self.effective_stagger_ms();
+        let stagger = self.effective_stagger_ms();
+        // A node that is not first in line also waits one stagger after it first heard of the
+        // job, so a better node's claim that is still in flight (a busy or late peer) can
+        // arrive first.
+        let own_wait = if position > 0 { first_seen + stagger } else { first_seen };
+        let due = (since + u64::from(position) * stagger).max(own_wait);
         if now_ms < due {
             self.timers.insert((due, job.to_string()));
             return;
