@@ -43,11 +43,13 @@ pub enum Fault {
     Crash,
     /// A node stops processing for a while (SIGSTOP), then resumes.
     Pause,
+    /// The link between two nodes goes down and up every few hundred ms.
+    Flap,
 }
 
 impl Fault {
     /// Every fault: the default mix.
-    pub const ALL: [Fault; 11] = [
+    pub const ALL: [Fault; 12] = [
         Fault::Loss,
         Fault::Delay,
         Fault::Duplicate,
@@ -59,6 +61,7 @@ impl Fault {
         Fault::OneWay,
         Fault::Crash,
         Fault::Pause,
+        Fault::Flap,
     ];
 
     /// The fault's name on the command line.
@@ -75,6 +78,7 @@ impl Fault {
             Fault::OneWay => "oneway",
             Fault::Crash => "crash",
             Fault::Pause => "pause",
+            Fault::Flap => "flap",
         }
     }
 
@@ -176,7 +180,8 @@ pub struct RunResult {
     pub duplicate_runs: usize,
     /// Task starts that took a node past its capacity (I4).
     pub capacity_violations: usize,
-    /// Death certificates written while no fault was active (no false positives).
+    /// Death certificates written while the network had been healthy (no fault active) for at
+    /// least the grace period, or at any time in a run without faults (no false positives).
     pub false_deaths: usize,
     /// Messages delivered.
     pub messages: u64,
@@ -213,6 +218,7 @@ enum Ev {
     Fsync { node: usize },
     Heal,
     Check,
+    Link { a: usize, b: usize, down: bool },
 }
 
 #[derive(Default)]
@@ -296,7 +302,7 @@ pub struct Sim {
     starts: BTreeMap<(String, u32, u32), u32>,
     heal_at: Option<u64>,
     healthy_since: u64,
-    deaths_seen: u64,
+    deaths_by_node: BTreeMap<usize, u64>,
     result: RunResult,
 }
 
@@ -338,7 +344,7 @@ impl Sim {
             starts: BTreeMap::new(),
             heal_at: None,
             healthy_since: 0,
-            deaths_seen: 0,
+            deaths_by_node: BTreeMap::new(),
             result,
             config,
         }
@@ -473,11 +479,13 @@ impl Sim {
                 if self.nodes[node].engine.is_none() {
                     self.trace(|| format!("restart n{node}"));
                     self.boot_node(node);
+                    self.healthy_since = self.healthy_since.max(self.now);
                 }
             }
             Ev::Unpause { node } => {
                 if self.nodes[node].paused_until.take().is_some() {
                     self.trace(|| format!("resume n{node}"));
+                    self.healthy_since = self.healthy_since.max(self.now);
                     self.reschedule_wake(node);
                 }
             }
@@ -486,6 +494,17 @@ impl Sim {
                 self.nodes[node].disk.fsync_scheduled = false;
             }
             Ev::Heal => self.heal(),
+            Ev::Link { a, b, down } => {
+                if self.heal_at.is_none() {
+                    if down {
+                        self.net.cuts.insert((a, b));
+                        self.net.cuts.insert((b, a));
+                    } else {
+                        self.net.cuts.remove(&(a, b));
+                        self.net.cuts.remove(&(b, a));
+                    }
+                }
+            }
             Ev::Check => return self.check(),
         }
         false
@@ -630,9 +649,26 @@ impl Sim {
                 Output::Event(_) => {}
             }
         }
-        let deaths: u64 = self.nodes[node].engine.as_ref().map_or(0, |e| e.counters().deaths_written);
-        let _ = deaths;
+        self.check_false_deaths(node);
         self.reschedule_wake(node);
+    }
+
+    /// A node that writes a death certificate while every node is up, unpaused and reachable,
+    /// and has been for the grace period (detection time plus slack), accused a live node.
+    fn check_false_deaths(&mut self, node: usize) {
+        const GRACE_MS: u64 = 5_000;
+        let written = self.nodes[node].engine.as_ref().map_or(0, |e| e.counters().deaths_written);
+        let seen = self.deaths_by_node.entry(node).or_insert(written);
+        if written > *seen {
+            let healthy = self.active_faults.is_empty()
+                && self.nodes.iter().all(|n| n.engine.is_some() && n.paused_until.is_none())
+                && self.now >= self.healthy_since + GRACE_MS;
+            if healthy || self.config.faults.is_empty() {
+                self.result.false_deaths += (written - *seen) as usize;
+                self.trace(|| format!("FALSE DEATH written by n{node}"));
+            }
+        }
+        self.deaths_by_node.insert(node, written);
     }
 
     fn index_of(&self, id: &str) -> Option<usize> {
@@ -731,6 +767,20 @@ impl Sim {
                     self.net.cuts.insert((a, b));
                 }
             }
+            Fault::Flap => {
+                if n >= 2 {
+                    let a = self.rng.gen_range(0..n);
+                    let b = (a + self.rng.gen_range(1..n)) % n;
+                    let mut t = self.now;
+                    let mut down = true;
+                    while t < self.now + duration {
+                        self.schedule(t, Ev::Link { a, b, down });
+                        t += self.rng.gen_range(100..600);
+                        down = !down;
+                    }
+                    self.schedule(self.now + duration, Ev::Link { a, b, down: false });
+                }
+            }
             Fault::Crash => {
                 if let Some(victim) = self.random_live_node() {
                     self.trace(|| format!("crash n{victim}"));
@@ -767,17 +817,12 @@ impl Sim {
             Fault::Halves | Fault::Isolate | Fault::Bridge => self.net.groups = None,
             Fault::Ring => self.net.ring_reach = None,
             Fault::OneWay => self.net.cuts.clear(),
-            Fault::Crash | Fault::Pause => {} // restart/unpause events end these
+            Fault::Crash | Fault::Pause | Fault::Flap => {} // restart/unpause/link events end these
         }
         if self.active_faults.is_empty() {
             self.healthy_since = self.now;
-            self.deaths_seen = self.total_deaths();
         }
         self.trace(|| format!("fault {} ends", fault.name()));
-    }
-
-    fn total_deaths(&self) -> u64 {
-        self.nodes.iter().filter_map(|n| n.engine.as_ref()).map(|e| e.counters().deaths_written).sum()
     }
 
     fn heal(&mut self) {
@@ -793,6 +838,7 @@ impl Sim {
             }
         }
         self.heal_at = Some(self.now);
+        self.healthy_since = self.now;
         self.schedule(self.now + 100, Ev::Check);
     }
 
@@ -893,7 +939,7 @@ impl Sim {
         self.result.multi_owner_instances_at_rest = self.multi_owner();
         self.result.duplicate_runs = self.starts.values().map(|n| (*n as usize).saturating_sub(1)).sum();
         self.result.virtual_ms = self.now;
-        self.result.false_deaths = if self.config.faults.is_empty() { self.total_deaths() as usize } else { 0 };
+
         self.result
     }
 }
