@@ -91,6 +91,22 @@ pub struct AgentArgs {
     /// Do not discover peers on the LAN with mDNS.
     #[arg(long)]
     pub no_mdns: bool,
+    /// Failure detection: how often each care-taker probes the nodes it watches.
+    #[arg(long, value_name = "MS", default_value_t = colony::Timing::default().probe_interval_ms)]
+    pub probe_interval_ms: u64,
+    /// Failure detection: how long a direct probe waits before asking others to probe.
+    #[arg(long, value_name = "MS", default_value_t = colony::Timing::default().probe_timeout_ms)]
+    pub probe_timeout_ms: u64,
+    /// Failure detection: how long a node stays suspect before it is certified dead.
+    #[arg(long, value_name = "MS", default_value_t = colony::Timing::default().suspicion_ms)]
+    pub suspicion_ms: u64,
+    /// Failure detection: care-takers watching each node.
+    #[arg(long, value_name = "K", default_value_t = colony::Timing::default().care_takers)]
+    pub care_takers: usize,
+    /// Placement: how long a claim must stand before its winner starts the work (a floor:
+    /// the measured round trip raises it on slow networks).
+    #[arg(long, value_name = "MS", default_value_t = colony::Timing::default().settle_ms)]
+    pub settle_ms: u64,
 }
 
 /// `colony keygen`.
@@ -956,7 +972,15 @@ pub async fn run_agent(args: AgentArgs) -> Result<()> {
         tracing::warn!("no --cluster-key: any peer that can reach this node can join the cluster");
     }
 
-    let mut builder = colony::Node::builder().data_dir(&plan.data_dir).mdns(plan.mdns);
+    let timing = colony::Timing {
+        probe_interval_ms: args.probe_interval_ms.max(1),
+        probe_timeout_ms: args.probe_timeout_ms.max(1),
+        suspicion_ms: args.suspicion_ms,
+        care_takers: args.care_takers.max(1),
+        settle_ms: args.settle_ms,
+        ..colony::Timing::default()
+    };
+    let mut builder = colony::Node::builder().data_dir(&plan.data_dir).mdns(plan.mdns).timing(timing);
     for addr in &plan.listen {
         builder = builder.listen(addr.clone());
     }
