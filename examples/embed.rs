@@ -195,7 +195,9 @@ async fn run() -> Result<ExitCode, colony::Error> {
     }
     println!("completions:    {completions:?} (by node)");
     println!("final owners:   {ran_on:?} (by node, as a sees the table)");
-    println!("stopped runs:   {} (then run again elsewhere)", stopped.values().sum::<usize>());
+    // `drained`: cancelled because c left, the item handed to a or b. `superseded`: a copy
+    // that lost a claim race to a concurrent one (see `duplicate runs`).
+    println!("stopped runs:   {} (by node and reason)", stopped.values().sum::<usize>());
     for (why, n) in &stopped {
         println!("  {n} {why}");
     }

@@ -13,22 +13,26 @@
 //!
 //! (b) Submit-to-handler latency of the in-process driver. Jobs are submitted on node `a`
 //! one after another (each `submit` awaited, then the next); the clock starts before the
-//! `submit` call and stops when the handler is entered, wherever it runs. Three runs, each on
+//! `submit` call and stops when the handler is entered, wherever it runs. Five runs, each on
 //! three fresh nodes:
 //!
 //! 1. back to back with the default timings (15 ms settle window, 40 ms claim stagger);
 //! 2. back to back with both set to 1 ms, which shows what the waits themselves cost (the
 //!    settle window cannot go below the measured round-trip bound);
-//! 3. one at a time with the default timings: each job's handler is entered before the next
+//! 3. `jobs / 2` of them at 100 submissions/s with the default timings;
+//! 4. one at a time with the default timings: each job's handler is entered before the next
 //!    is submitted (latency without queueing), `jobs / 5` of them;
-//! 4. one at a time with both waits at 1 ms.
+//! 5. one at a time with both waits at 1 ms.
 //!
-//! Reported: p50, p99 and max (to the first handler entry of each job), the same per node
-//! that ran the jobs, duplicate runs, and messages sent and dropped.
+//! Reported: p50, p99 and max (to the first handler entry of each job), split at the moment
+//! the runner claimed the job (its own `claimed` event; events a lagging stream skipped are
+//! left out of the split), the same per node that ran the jobs, duplicate runs, and messages
+//! sent and dropped.
 //! Linux only (`/proc`).
 
-use colony::crdt::NodeState;
-use colony::{driver_fn, JobSpec, Node, TaskContext, Timing};
+use colony::crdt::{InstanceStatus, NodeState};
+use colony::{driver_fn, Event, JobSpec, Node, TaskContext, Timing};
+use futures::StreamExt;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -40,6 +44,8 @@ const WORK_DEADLINE: Duration = Duration::from_secs(120);
 
 /// Job id → (first handler entry, the id of the node that ran it, how many entries).
 type Entries = Arc<Mutex<HashMap<String, (Instant, String, u32)>>>;
+/// (job id, node id) → when that node's event stream reported its own claim of the job.
+type Claims = Arc<Mutex<HashMap<(String, String), Instant>>>;
 
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -137,7 +143,7 @@ async fn idle_cost(idle: Duration) -> Result<(), colony::Error> {
     let rss_after = rss_kib();
 
     println!("joined in           {joined_in:?} ({:.2} s CPU to start and join)", cpu_joined - cpu_join);
-    println!("threads             {threads_before} before, {} after (tokio workers + the mesh's)", threads());
+    println!("threads             {threads_before} before, {} after", threads());
     println!("RSS before start    {:.1} MiB", mib(rss_before));
     println!(
         "RSS after joining   {:.1} MiB (+{:.1} MiB for 3 nodes)",
@@ -183,17 +189,47 @@ fn summary(latencies: &mut [Duration]) -> String {
     )
 }
 
-async fn latency(label: &str, timing: Timing, jobs: usize, one_at_a_time: bool) -> Result<(), colony::Error> {
+/// How the jobs are submitted.
+#[derive(Clone, Copy)]
+enum Pace {
+    /// Each `submit` awaited, then the next at once.
+    BackToBack,
+    /// This many submissions per second at most.
+    Rate(u32),
+    /// The next submission once the previous job's handler was entered.
+    OneAtATime,
+}
+
+async fn latency(label: &str, timing: Timing, jobs: usize, pace: Pace) -> Result<(), colony::Error> {
     println!(
         "-- {label}: settle_ms {}, claim_stagger_ms {}, {jobs} jobs, {}",
         timing.settle_ms,
         timing.claim_stagger_ms,
-        if one_at_a_time { "one at a time" } else { "back to back" }
+        match pace {
+            Pace::BackToBack => "back to back".to_string(),
+            Pace::Rate(r) => format!("at most {r}/s"),
+            Pace::OneAtATime => "one at a time".to_string(),
+        }
     );
     let entries: Entries = Arc::default();
     let nodes = start_three(&timing, &entries).await?;
     let names: HashMap<String, String> = nodes.iter().map(|n| (n.id().to_string(), n.name().to_string())).collect();
     let a = &nodes[0];
+    let claims: Claims = Arc::default();
+    let mut watchers = Vec::new();
+    for node in &nodes {
+        let mut events = node.events();
+        let (me, claims) = (node.id().to_string(), claims.clone());
+        watchers.push(tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                if let Event::Instance { job, status: InstanceStatus::Claimed, node: Some(owner), .. } = event {
+                    if owner == me {
+                        claims.lock().unwrap().entry((job, owner)).or_insert_with(Instant::now);
+                    }
+                }
+            }
+        }));
+    }
 
     let mut submitted: Vec<(String, Instant)> = Vec::with_capacity(jobs);
     let started = Instant::now();
@@ -202,11 +238,14 @@ async fn latency(label: &str, timing: Timing, jobs: usize, one_at_a_time: bool) 
         spec.driver = "probe".into();
         let at = Instant::now();
         let id = a.submit(spec).await?;
-        if one_at_a_time {
+        if let Pace::Rate(rate) = pace {
+            tokio::time::sleep_until((started + Duration::from_secs(i as u64 + 1) / rate).into()).await;
+        }
+        if let Pace::OneAtATime = pace {
             let deadline = Instant::now() + WORK_DEADLINE;
             while !entries.lock().unwrap().contains_key(&id) {
                 assert!(Instant::now() < deadline, "job {id} never started");
-                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }
         submitted.push((id, at));
@@ -222,10 +261,16 @@ async fn latency(label: &str, timing: Timing, jobs: usize, one_at_a_time: bool) 
     let entries = entries.lock().unwrap().clone();
     let mut all = Vec::with_capacity(jobs);
     let mut by_node: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
+    let (mut to_claim, mut claim_to_handler) = (Vec::new(), Vec::new());
+    let claims = claims.lock().unwrap().clone();
     for (id, at) in &submitted {
         let (entered, node, _) = &entries[id];
         let latency = entered.saturating_duration_since(*at);
         all.push(latency);
+        if let Some(claimed) = claims.get(&(id.clone(), node.clone())) {
+            to_claim.push(claimed.saturating_duration_since(*at));
+            claim_to_handler.push(entered.saturating_duration_since(*claimed));
+        }
         let on = names.get(node).cloned().unwrap_or_else(|| node.clone());
         by_node.entry(if on == "a" { "a (the submitter)".into() } else { on }).or_default().push(latency);
     }
@@ -248,6 +293,8 @@ async fn latency(label: &str, timing: Timing, jobs: usize, one_at_a_time: bool) 
         jobs as f64 / submit_secs
     );
     println!("all                 {}", summary(&mut all));
+    println!("  submit -> claimed {} (the runner's own claim, from its event stream)", summary(&mut to_claim));
+    println!("  claimed -> entry  {} (settle window, then start)", summary(&mut claim_to_handler));
     for (node, latencies) in &mut by_node {
         println!("ran on {node:<12} {}", summary(latencies));
     }
@@ -259,6 +306,9 @@ async fn latency(label: &str, timing: Timing, jobs: usize, one_at_a_time: bool) 
         io.sends, io.sends_dropped, io.sends_unreachable
     );
     shutdown(nodes).await;
+    for watcher in watchers {
+        watcher.abort();
+    }
     Ok(())
 }
 
@@ -284,12 +334,13 @@ async fn main() -> Result<(), colony::Error> {
 
     println!();
     println!("== (b) submit-to-handler latency of the in-process driver, jobs submitted on a");
-    latency("defaults", Timing::default(), jobs, false).await?;
+    latency("defaults", Timing::default(), jobs, Pace::BackToBack).await?;
     let fast = Timing { settle_ms: 1, claim_stagger_ms: 1, ..Timing::default() };
-    latency("waits at 1 ms", fast, jobs, false).await?;
+    latency("waits at 1 ms", fast, jobs, Pace::BackToBack).await?;
+    latency("defaults, paced", Timing::default(), jobs / 2, Pace::Rate(100)).await?;
     let unloaded = (jobs / 5).max(1);
-    latency("defaults, unloaded", Timing::default(), unloaded, true).await?;
+    latency("defaults, unloaded", Timing::default(), unloaded, Pace::OneAtATime).await?;
     let fast = Timing { settle_ms: 1, claim_stagger_ms: 1, ..Timing::default() };
-    latency("waits at 1 ms, unloaded", fast, unloaded, true).await?;
+    latency("waits at 1 ms, unloaded", fast, unloaded, Pace::OneAtATime).await?;
     Ok(())
 }
