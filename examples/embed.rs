@@ -201,7 +201,7 @@ async fn run() -> Result<ExitCode, colony::Error> {
     for (why, n) in &stopped {
         println!("  {n} {why}");
     }
-    println!("duplicate runs: {duplicate_runs} (copies that ran concurrently)");
+    println!("duplicate runs: {duplicate_runs} (runs beyond one per attempt: the superseded and drained ones)");
     println!("time taken:     {took:?} (from the first submission)");
     if missing.is_empty() {
         Ok(ExitCode::SUCCESS)
