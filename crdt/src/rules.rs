@@ -220,10 +220,12 @@ pub fn evaluate_instance(
         .take_while(|((i, _, _), _)| *i == index)
         .map(|((_, a, n), r)| (*a, n, r))
         .collect();
-    // A lost run (its node restarted) and its replacement did not run side by side.
+    // A lost run (its node restarted) and a copy handed over by a draining or leaving node did
+    // not run side by side with their replacements: not duplicates.
     let mut per_attempt: BTreeMap<u32, u32> = BTreeMap::new();
     for (attempt, _, run) in &runs {
-        if run.status != RunStatus::Lost {
+        let handed_over = run.status == RunStatus::Stopped && run.reason.as_deref() == Some("drained");
+        if run.status != RunStatus::Lost && !handed_over {
             *per_attempt.entry(*attempt).or_default() += 1;
         }
     }
