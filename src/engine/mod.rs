@@ -27,6 +27,10 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use swim::Swim;
 
+/// Sync rounds in a row without the document moving before a session is abandoned. A normal
+/// exchange settles in two or three; eight leaves room for a slow multi-change catch-up.
+const MAX_IDLE_SYNC_ROUNDS: u32 = 8;
+
 /// What durable storage held at start: the snapshot, and the records appended after it.
 pub type Restored<'a> = (Option<&'a [u8]>, &'a [Vec<u8>]);
 
@@ -192,6 +196,7 @@ pub struct Engine {
     node_states: BTreeMap<NodeId, NodeState>,
     swim: Swim,
     sessions: BTreeMap<(NodeId, DocId), SyncState>,
+    sync_idle_rounds: BTreeMap<(NodeId, DocId), u32>,
     next_anti_entropy_ms: u64,
     next_compaction_ms: u64,
     persisted_since_snapshot: usize,
@@ -251,6 +256,7 @@ impl Engine {
             node_states: BTreeMap::new(),
             swim,
             sessions: BTreeMap::new(),
+            sync_idle_rounds: BTreeMap::new(),
             next_anti_entropy_ms: now_ms,
             next_compaction_ms: now_ms + config.timing.compaction_ms,
             persisted_since_snapshot: 0,
@@ -415,6 +421,7 @@ impl Engine {
     pub fn handle_peer_down(&mut self, now_ms: u64, peer: &str) {
         self.peers.remove(peer);
         self.sessions.retain(|(p, _), _| p != peer);
+        self.sync_idle_rounds.retain(|(p, _), _| p != peer);
         self.finish_step(now_ms);
     }
 
@@ -1140,6 +1147,7 @@ impl Engine {
         for doc in to_sync {
             // A fresh session: the peer's state may have moved since any earlier one.
             self.sessions.remove(&(from.to_string(), doc.clone()));
+            self.sync_idle_rounds.remove(&(from.to_string(), doc.clone()));
             self.continue_sync(from, doc);
         }
     }
@@ -1147,6 +1155,7 @@ impl Engine {
     fn continue_sync(&mut self, peer: &str, doc: DocId) {
         if self.sessions.len() >= self.config.limits.sync_sessions {
             self.sessions.clear();
+            self.sync_idle_rounds.clear();
         }
         let key = (peer.to_string(), doc.clone());
         let mut session = self.sessions.remove(&key).unwrap_or_default();
@@ -1154,6 +1163,8 @@ impl Engine {
         if let Some(data) = self.table.generate_sync(&doc, &mut session) {
             self.sends.push((peer.to_string(), Message::Sync { doc, data }));
             self.sessions.insert(key, session);
+        } else {
+            self.sync_idle_rounds.remove(&key);
         }
     }
 
@@ -1166,8 +1177,21 @@ impl Engine {
         }
         let key = (from.to_string(), doc.clone());
         let mut session = self.sessions.remove(&key).unwrap_or_default();
-        if self.table.receive_sync(&doc, &mut session, data).is_err() {
-            self.counters.bad_messages += 1;
+        let moved = match self.table.receive_sync(&doc, &mut session, data) {
+            Ok(moved) => moved,
+            Err(_) => {
+                self.counters.bad_messages += 1;
+                return;
+            }
+        };
+        // A session that keeps exchanging messages without the document moving is stuck: a
+        // change both sides wait for may exist nowhere any more (its author crashed before
+        // persisting it). Stop answering after a few idle rounds; the next anti-entropy round
+        // starts afresh, so this costs at most one round per interval instead of a storm.
+        let idle = self.sync_idle_rounds.entry(key.clone()).or_default();
+        *idle = if moved { 0 } else { *idle + 1 };
+        if *idle > MAX_IDLE_SYNC_ROUNDS {
+            self.sync_idle_rounds.remove(&key);
             return;
         }
         self.sessions.insert(key, session);
