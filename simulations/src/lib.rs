@@ -1000,8 +1000,7 @@ pub fn churn(
         Ok(e) => e,
         Err(e) => panic!("a fresh engine cannot fail to start: {e}"),
     };
-    let mut disk_snapshot = 0usize;
-    let mut disk_log = 0usize;
+    let mut disk = DiskBytes::default();
     let mut out = Vec::new();
     let mut now = 0u64;
     let spec = JobSpec::command("true", Vec::<String>::new());
@@ -1014,14 +1013,10 @@ pub fn churn(
         for t in [now, now + 16] {
             engine.handle_timeout(t);
             while let Some(o) = engine.poll_output() {
-                match o {
-                    Output::Persist(records) => disk_log += records.iter().map(|r| r.len() + 8).sum::<usize>(),
-                    Output::Snapshot(bytes) => {
-                        disk_snapshot = bytes.len() + 16;
-                        disk_log = 0;
-                    }
-                    Output::StartTask(start) => pending_exit.push(start.task),
-                    _ => {}
+                if let Output::StartTask(start) = o {
+                    pending_exit.push(start.task);
+                } else {
+                    disk.record(o);
                 }
             }
         }
@@ -1029,34 +1024,20 @@ pub fn churn(
             engine.handle_task_exited(now + 17, &task, 0);
         }
         while let Some(o) = engine.poll_output() {
-            match o {
-                Output::Persist(records) => disk_log += records.iter().map(|r| r.len() + 8).sum::<usize>(),
-                Output::Snapshot(bytes) => {
-                    disk_snapshot = bytes.len() + 16;
-                    disk_log = 0;
-                }
-                _ => {}
-            }
+            disk.record(o);
         }
         if sample_at.contains(&i) || i == jobs {
             // One more compaction pass so the sample sees the steady state.
             engine.handle_timeout(now + 2_000);
             while let Some(o) = engine.poll_output() {
-                match o {
-                    Output::Persist(records) => disk_log += records.iter().map(|r| r.len() + 8).sum::<usize>(),
-                    Output::Snapshot(bytes) => {
-                        disk_snapshot = bytes.len() + 16;
-                        disk_log = 0;
-                    }
-                    _ => {}
-                }
+                disk.record(o);
             }
             now += 2_000;
             let point = ChurnPoint {
                 jobs: i,
                 job_documents: engine.table().job_count(),
                 tombstones: engine.table().tombstone_count(),
-                disk_bytes: disk_snapshot + disk_log,
+                disk_bytes: disk.snapshot + disk.log,
                 snapshot_bytes: engine.snapshot_len(),
                 rss_kib: rss_kib(),
             };
@@ -1065,6 +1046,27 @@ pub fn churn(
         }
     }
     out
+}
+
+/// Bytes the daemon's storage would hold: the last snapshot plus the log after it, with the
+/// store's framing (8 bytes a record, 16 for the snapshot header).
+#[derive(Default)]
+struct DiskBytes {
+    snapshot: usize,
+    log: usize,
+}
+
+impl DiskBytes {
+    fn record(&mut self, output: Output) {
+        match output {
+            Output::Persist(records) => self.log += records.iter().map(|r| r.len() + 8).sum::<usize>(),
+            Output::Snapshot(bytes) => {
+                self.snapshot = bytes.len() + 16;
+                self.log = 0;
+            }
+            _ => {}
+        }
+    }
 }
 
 fn rss_kib() -> Option<u64> {
