@@ -144,6 +144,11 @@ impl Doc {
         changes.into_iter().zip(hashes).filter(|(_, h)| missing.contains(h)).map(|(c, _)| c).collect()
     }
 
+    /// Every change held, as bytes, in causal order.
+    pub fn all_changes(&mut self) -> Vec<Vec<u8>> {
+        self.am.get_changes(&[]).iter().map(|c| c.raw_bytes().to_vec()).collect()
+    }
+
     /// The hashes of every change held.
     pub fn change_hashes(&mut self) -> Vec<ChangeHash> {
         self.am.get_changes(&[]).iter_mut().map(|c| c.hash()).collect()

@@ -4,7 +4,7 @@
 //! what lets nodes agree without asking each other. The reasoning is in ARCHITECTURE.md
 //! ("The claim rule").
 
-use crate::hash::{stable_hash_parts, unit_interval};
+use crate::hash::{mix64, stable_hash, stable_hash_parts, unit_interval};
 use crate::records::{Claim, JobRecord, NodeId, NodeMode, NodeRecord, Run, RunStatus};
 use crate::spec::{JobKind, JobSpec, Resources};
 use serde::{Deserialize, Serialize};
@@ -69,6 +69,21 @@ pub fn membership_of<'a>(
     out
 }
 
+/// One node's state from its own record (if held) and the highest incarnations any *other*
+/// observer suspects or certifies dead. `None`: the node is unknown (no record, no
+/// certificate). [`membership_of`] is this function over every node; the table keeps it
+/// incrementally, recomputing only the nodes a change touches.
+pub fn node_state(
+    record: Option<&NodeRecord>,
+    worst_death: Option<u64>,
+    worst_suspect: Option<u64>,
+) -> Option<NodeState> {
+    match record {
+        Some(record) => Some(node_state_of(record, worst_death.as_ref(), worst_suspect.as_ref())),
+        None => worst_death.map(|_| NodeState::Dead),
+    }
+}
+
 fn node_state_of(record: &NodeRecord, death: Option<&u64>, suspect: Option<&u64>) -> NodeState {
     if record.mode == NodeMode::Left {
         return NodeState::Left;
@@ -86,7 +101,23 @@ fn node_state_of(record: &NodeRecord, death: Option<&u64>, suspect: Option<&u64>
 /// among valid claims wins. It depends on nothing but these four values, so two nodes that see
 /// the same claims pick the same winner whatever else they disagree on (load, membership).
 pub fn rank_key(job: &str, index: u32, attempt: u32, node: &str) -> u64 {
-    stable_hash_parts(&[job.as_bytes(), &index.to_le_bytes(), &attempt.to_le_bytes(), node.as_bytes()])
+    rank_key_of(instance_key(job, index, attempt), node_key(node))
+}
+
+/// The instance half of [`rank_key`]: hash it once per decision, not once per node.
+pub fn instance_key(job: &str, index: u32, attempt: u32) -> u64 {
+    stable_hash_parts(&[job.as_bytes(), &index.to_le_bytes(), &attempt.to_le_bytes()])
+}
+
+/// The node half of [`rank_key`]: hash it once per node, not once per decision.
+pub fn node_key(node: &str) -> u64 {
+    stable_hash(node.as_bytes())
+}
+
+/// [`rank_key`] from its two halves. `mix64` is a bijection, so two nodes never tie for one
+/// instance unless their node keys collide (then the id breaks the tie, see [`winner`]).
+pub fn rank_key_of(instance_key: u64, node_key: u64) -> u64 {
+    mix64(instance_key ^ mix64(node_key.rotate_left(29)))
 }
 
 /// Placement preference of `node`: weighted rendezvous (higher is better). The weight is the
@@ -100,11 +131,16 @@ pub fn placement_score(
     capacity: Resources,
     allocated: Resources,
 ) -> f64 {
+    placement_score_of(instance_key(job, index, attempt), node_key(node), capacity, allocated)
+}
+
+/// [`placement_score`] from precomputed keys: what a node ranking many peers calls.
+pub fn placement_score_of(instance_key: u64, node_key: u64, capacity: Resources, allocated: Resources) -> f64 {
     let free_share = |cap: u64, used: u64| if cap == 0 { 0.0 } else { cap.saturating_sub(used) as f64 / cap as f64 };
     let weight = 0.05
         + free_share(capacity.cpu_millis, allocated.cpu_millis)
             .min(free_share(capacity.memory_mb, allocated.memory_mb));
-    let u = unit_interval(rank_key(job, index, attempt, node));
+    let u = unit_interval(rank_key_of(instance_key, node_key));
     // -w / ln(u): the standard weighted rendezvous score; ln(u) < 0 for u in (0,1).
     if u >= 1.0 {
         return f64::INFINITY;

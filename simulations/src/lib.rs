@@ -185,10 +185,15 @@ pub struct RunResult {
     pub false_deaths: usize,
     /// Messages delivered.
     pub messages: u64,
+    /// Messages delivered, by kind (`ping`, `changes`, `sync`, ...): where the traffic goes.
+    pub messages_by_kind: BTreeMap<&'static str, u64>,
     /// Virtual ms the run lasted.
     pub virtual_ms: u64,
     /// Task starts.
     pub task_starts: u64,
+    /// Claims written, summed over the nodes up at the end (a restarted node counts from its
+    /// restart). Above one per instance start: nodes that claimed and lost the tie-break.
+    pub claims_written: u64,
     /// Fault episodes injected, by kind.
     pub faults_injected: BTreeMap<String, usize>,
 }
@@ -432,11 +437,12 @@ impl Sim {
                 last_report = std::time::Instant::now();
                 let phase = if self.heal_at.is_some() { "liveness" } else { "faults" };
                 eprintln!(
-                    "seed {}: {phase} phase, virtual {:.1} s, {} events, {} messages, {} task starts, {:.0} s wall",
+                    "seed {}: {phase} phase, virtual {:.1} s, {} events, {} messages {:?}, {} task starts, {:.0} s wall",
                     self.config.seed,
                     self.now as f64 / 1000.0,
                     events,
                     self.result.messages,
+                    self.result.messages_by_kind,
                     self.result.task_starts,
                     started.elapsed().as_secs_f64()
                 );
@@ -517,6 +523,7 @@ impl Sim {
         let from_id = self.nodes[from].id.clone();
         let Some(engine) = self.nodes[to].engine.as_mut() else { return };
         self.result.messages += 1;
+        *self.result.messages_by_kind.entry(message.kind()).or_default() += 1;
         engine.handle_message(self.now, &from_id, message);
         self.drain_outputs(to);
     }
@@ -939,6 +946,8 @@ impl Sim {
         self.result.multi_owner_instances_at_rest = self.multi_owner();
         self.result.duplicate_runs = self.starts.values().map(|n| (*n as usize).saturating_sub(1)).sum();
         self.result.virtual_ms = self.now;
+        self.result.claims_written =
+            self.nodes.iter().filter_map(|n| n.engine.as_ref()).map(|e| e.counters().claims).sum();
 
         self.result
     }

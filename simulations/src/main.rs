@@ -1,6 +1,10 @@
 //! `colony-sim`: run partition simulations from the command line.
 
 use clap::{Parser, Subcommand};
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use colony_sim::{Fault, RunResult, Sim, SimConfig};
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -98,7 +102,9 @@ struct Summary {
     convergence_ms_p99: u64,
     convergence_ms_max: u64,
     messages: u64,
+    messages_by_kind: std::collections::BTreeMap<&'static str, u64>,
     task_starts: u64,
+    claims_written: u64,
     failing_seeds: Vec<u64>,
     wall_ms: u64,
 }
@@ -199,7 +205,15 @@ fn main() {
         convergence_ms_p99: pct(0.99),
         convergence_ms_max: conv.last().copied().unwrap_or(0),
         messages: results.iter().map(|r| r.messages).sum(),
+        messages_by_kind: results.iter().flat_map(|r| r.messages_by_kind.iter()).fold(
+            std::collections::BTreeMap::new(),
+            |mut acc, (k, v)| {
+                *acc.entry(*k).or_default() += v;
+                acc
+            },
+        ),
         task_starts: results.iter().map(|r| r.task_starts).sum(),
+        claims_written: results.iter().map(|r| r.claims_written).sum(),
         failing_seeds: results.iter().filter(|r| !r.ok()).map(|r| r.seed).collect(),
         wall_ms: started.elapsed().as_millis() as u64,
     };

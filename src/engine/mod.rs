@@ -17,7 +17,7 @@ pub use config::{EngineConfig, Limits, Retention, Timing};
 pub use message::{DecodeError, Message};
 pub use views::{InstanceJson, JobJson, NodeJson, RunJson};
 
-use colony_crdt::rules::{self, evaluate_instance, placement_score, InstanceView, JobStatus, NodeState};
+use colony_crdt::rules::{self, evaluate_instance, InstanceView, JobStatus, NodeState};
 use colony_crdt::{
     Claim, DocId, InstanceStatus, JobHeader, JobId, JobSpec, NodeId, NodeInfo, NodeMode, Resources, RestartPlacement,
     Run, RunStatus, SpecError, StopRequest, SyncState, Table, TableError, BUCKETS,
@@ -30,6 +30,22 @@ use swim::Swim;
 /// Sync rounds in a row without the document moving before a session is abandoned. A normal
 /// exchange settles in two or three; eight leaves room for a slow multi-change catch-up.
 const MAX_IDLE_SYNC_ROUNDS: u32 = 8;
+
+/// Anti-entropy rounds run early, a tenth of the interval apart, after peers come up. A new
+/// peer is the likeliest to differ (a joining node, a healed partition), but a round with
+/// every new peer would make a 1,000-node boot an N^2 storm: three rounds with random new
+/// peers pull the other side's state, and gossip carries the rest.
+const EAGER_ROUNDS: u32 = 3;
+
+/// A peer that may win placements: alive, active, with its facts known. Kept up to date as
+/// node documents change, so ranking a job costs O(candidates), not a table scan with hashing.
+#[derive(Debug, Clone)]
+struct Candidate {
+    key: u64,
+    capacity: Resources,
+    labels: BTreeMap<String, String>,
+    drivers: Vec<String>,
+}
 
 /// What durable storage held at start: the snapshot, and the records appended after it.
 pub type Restored<'a> = (Option<&'a [u8]>, &'a [Vec<u8>]);
@@ -194,6 +210,13 @@ pub struct Engine {
     cache: BTreeMap<JobId, JobCache>,
     allocated: BTreeMap<NodeId, Resources>,
     node_states: BTreeMap<NodeId, NodeState>,
+    /// Peers that may win placements (not this node).
+    candidates: BTreeMap<NodeId, Candidate>,
+    /// The care-taker ring: (hash, node) for every node with known facts whose claims count.
+    ring: BTreeSet<(u64, NodeId)>,
+    my_key: u64,
+    fresh_peers: BTreeSet<NodeId>,
+    eager_rounds: u32,
     swim: Swim,
     sessions: BTreeMap<(NodeId, DocId), SyncState>,
     sync_idle_rounds: BTreeMap<(NodeId, DocId), u32>,
@@ -238,6 +261,7 @@ impl Engine {
         let incarnation = table.node(&id).map_or(0, |r| r.incarnation);
         let mode = table.node(&id).map_or(NodeMode::Active, |r| r.mode);
         let swim = Swim::new(&config.timing, now_ms);
+        let my_key = rules::node_key(&id);
         let mut engine = Engine {
             id,
             boot,
@@ -254,6 +278,11 @@ impl Engine {
             cache: BTreeMap::new(),
             allocated: BTreeMap::new(),
             node_states: BTreeMap::new(),
+            candidates: BTreeMap::new(),
+            ring: BTreeSet::new(),
+            my_key,
+            fresh_peers: BTreeSet::new(),
+            eager_rounds: 0,
             swim,
             sessions: BTreeMap::new(),
             sync_idle_rounds: BTreeMap::new(),
@@ -411,8 +440,18 @@ impl Engine {
             return;
         }
         if self.peers.insert(peer.clone()) {
-            // Start anti-entropy at once: a new peer is the likeliest to differ.
-            self.sends.push((peer, Message::Digest { buckets: self.table.bucket_hashes().to_vec() }));
+            // Introduce ourselves: every node needs every node document, and one direct
+            // message per new peer is the cheapest way (gossip would move each several times).
+            let changes = self.table.own_node_changes();
+            if !changes.is_empty() {
+                self.sends.push((peer.clone(), Message::Changes { doc: DocId::Node(self.id.clone()), changes }));
+            }
+            // A new peer is the likeliest to differ: bring anti-entropy forward (see EAGER_ROUNDS).
+            self.fresh_peers.insert(peer);
+            if self.eager_rounds == 0 {
+                self.next_anti_entropy_ms = self.next_anti_entropy_ms.min(now_ms);
+            }
+            self.eager_rounds = EAGER_ROUNDS;
         }
         self.finish_step(now_ms);
     }
@@ -420,6 +459,7 @@ impl Engine {
     /// A peer became unreachable (a hint only: failure detection decides deaths).
     pub fn handle_peer_down(&mut self, now_ms: u64, peer: &str) {
         self.peers.remove(peer);
+        self.fresh_peers.remove(peer);
         self.sessions.retain(|(p, _), _| p != peer);
         self.sync_idle_rounds.retain(|(p, _), _| p != peer);
         self.finish_step(now_ms);
@@ -477,8 +517,26 @@ impl Engine {
     pub fn handle_timeout(&mut self, now_ms: u64) {
         self.run_failure_detector(now_ms);
         if now_ms >= self.next_anti_entropy_ms {
-            self.next_anti_entropy_ms = now_ms + self.config.timing.anti_entropy_ms;
-            self.start_anti_entropy();
+            let eager = self.eager_rounds > 0 && !self.fresh_peers.is_empty();
+            let peer = if eager {
+                self.eager_rounds -= 1;
+                let i = self.rng.gen_range(0..self.fresh_peers.len());
+                let peer = self.fresh_peers.iter().nth(i).cloned();
+                if let Some(p) = &peer {
+                    self.fresh_peers.remove(p);
+                }
+                peer
+            } else {
+                self.eager_rounds = 0;
+                self.fresh_peers.clear();
+                self.random_peer()
+            };
+            let interval = self.config.timing.anti_entropy_ms;
+            let gap = if self.eager_rounds > 0 { (interval / 10).max(1) } else { interval };
+            self.next_anti_entropy_ms = now_ms + gap;
+            if let Some(peer) = peer {
+                self.sends.push((peer, Message::Digest { buckets: self.table.bucket_hashes().to_vec() }));
+            }
         }
         if now_ms >= self.next_compaction_ms {
             self.next_compaction_ms = now_ms + self.config.timing.compaction_ms;
@@ -636,48 +694,95 @@ impl Engine {
 
     fn absorb_changes(&mut self) {
         let changed = self.table.take_changed();
-        let mut membership_changed = false;
+        let mut nodes = Vec::new();
         for doc in changed {
             match doc {
                 DocId::Job(id) => {
                     self.dirty.insert(id);
                 }
-                DocId::Node(_) => membership_changed = true,
+                DocId::Node(id) => nodes.push(id),
             }
         }
-        if membership_changed {
-            self.on_membership_changed();
+        if !nodes.is_empty() {
+            self.on_nodes_changed(&nodes);
         }
     }
 
-    fn on_membership_changed(&mut self) {
-        let states = self.table.node_states().clone();
-        for (id, state) in &states {
-            if self.node_states.get(id) != Some(state) {
-                self.events.push(Event::Node { id: id.clone(), state: *state });
+    /// Node documents (or the certificates about those nodes) changed. Cost is per changed
+    /// node, not per cluster member: on a 1,000-node boot every node document arrives once.
+    fn on_nodes_changed(&mut self, nodes: &[NodeId]) {
+        let mut state_changed = false;
+        let mut about_me = false;
+        for id in nodes {
+            about_me |= *id == self.id;
+            let new = self.table.node_states().get(id).copied();
+            if self.node_states.get(id).copied() != new {
+                state_changed = true;
+                match new {
+                    Some(state) => {
+                        self.events.push(Event::Node { id: id.clone(), state });
+                        self.node_states.insert(id.clone(), state);
+                    }
+                    None => {
+                        self.node_states.remove(id);
+                    }
+                }
             }
+            self.refresh_node_caches(id);
         }
-        let changed_nodes: BTreeSet<&NodeId> =
-            states.iter().filter(|(id, s)| self.node_states.get(*id) != Some(*s)).map(|(id, _)| id).collect();
-        if !changed_nodes.is_empty() {
+        if state_changed {
             // A node's death or return changes who wins its instances, and who ranks where.
-            let jobs: Vec<JobId> = self.cache.keys().cloned().collect();
-            self.dirty.extend(jobs);
+            // Finished jobs have nothing left to place.
+            let open: Vec<JobId> = self
+                .cache
+                .iter()
+                .filter(|(_, c)| c.status.is_none_or(|s| !s.is_terminal()))
+                .map(|(id, _)| id.clone())
+                .collect();
+            self.dirty.extend(open);
         }
-        self.node_states = states;
-        self.refute_if_needed(false);
+        if about_me {
+            self.refute_if_needed(false);
+        }
         self.drop_stale_certificates();
     }
 
-    fn refute_if_needed(&mut self, force: bool) {
-        let mut worst = None::<u64>;
-        for (_, record) in self.table.nodes() {
-            for map in [&record.deaths, &record.suspects] {
-                if let Some(inc) = map.get(&self.id) {
-                    worst = Some(worst.map_or(*inc, |w: u64| w.max(*inc)));
-                }
+    /// Keeps the candidate list and the care-taker ring in step with one node's record.
+    fn refresh_node_caches(&mut self, id: &NodeId) {
+        let state = self.node_states.get(id).copied();
+        let record = self.table.node(id);
+        let info = record.and_then(|r| r.info.as_ref());
+        let ring_key = (colony_crdt::hash::stable_hash(id.as_bytes()), id.clone());
+        if info.is_some() && (*id == self.id || state.is_some_and(|s| s.counts())) {
+            self.ring.insert(ring_key);
+        } else {
+            self.ring.remove(&ring_key);
+        }
+        let eligible = *id != self.id
+            && record.is_some_and(|r| r.mode == NodeMode::Active)
+            && state.unwrap_or(NodeState::Alive) == NodeState::Alive;
+        match info {
+            Some(info) if eligible => {
+                let candidate = Candidate {
+                    key: rules::node_key(id),
+                    capacity: info.capacity,
+                    labels: info.labels.clone(),
+                    drivers: info.drivers.clone(),
+                };
+                self.candidates.insert(id.clone(), candidate);
+            }
+            _ => {
+                self.candidates.remove(id);
             }
         }
+    }
+
+    fn refute_if_needed(&mut self, force: bool) {
+        let worst = match (self.table.worst_certificate(&self.id, true), self.table.worst_certificate(&self.id, false))
+        {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
         let needed = worst.is_some_and(|w| w >= self.incarnation);
         if needed || force {
             let next = worst.map_or(self.incarnation, |w| w.max(self.incarnation)) + u64::from(needed);
@@ -965,34 +1070,26 @@ impl Engine {
     /// How many eligible nodes rank before us (capped). Eligible: alive, active, matching the
     /// constraints, with room for the request by our view of their allocation.
     fn rank_position(&self, job: &str, spec: &JobSpec, view: &InstanceView) -> u32 {
-        let score_of = |node: &str, capacity: Resources, allocated: Resources| {
-            let mut s = placement_score(job, view.index, view.attempt, node, capacity, allocated);
+        let instance = rules::instance_key(job, view.index, view.attempt);
+        let score_of = |node: &str, key: u64, capacity: Resources, allocated: Resources| {
+            let mut s = rules::placement_score_of(instance, key, capacity, allocated);
             if spec.restart.placement == RestartPlacement::Other && view.failed_on.contains(node) {
                 s /= 1e6; // after every node that has not failed it
             }
             s
         };
-        let mine = score_of(&self.id, self.config.capacity, self.local_allocation());
+        let mine = score_of(&self.id, self.my_key, self.config.capacity, self.local_allocation());
         let cap = self.config.timing.max_claim_rank;
         let mut better = 0;
-        for (id, record) in self.table.nodes() {
-            if *id == self.id {
-                continue;
-            }
-            let Some(info) = &record.info else { continue };
-            if record.mode != NodeMode::Active
-                || self.node_states.get(id).copied().unwrap_or(NodeState::Alive) != NodeState::Alive
-            {
-                continue;
-            }
-            if !spec.constraints.iter().all(|c| c.matches(&info.labels)) || !info.drivers.contains(&spec.driver) {
+        for (id, c) in &self.candidates {
+            if !spec.constraints.iter().all(|k| k.matches(&c.labels)) || !c.drivers.contains(&spec.driver) {
                 continue;
             }
             let allocated = self.allocated.get(id).copied().unwrap_or_default();
-            if !info.capacity.minus(allocated).fits(spec.resources) {
+            if !c.capacity.minus(allocated).fits(spec.resources) {
                 continue;
             }
-            let s = score_of(id, info.capacity, allocated);
+            let s = score_of(id, c.key, c.capacity, allocated);
             if s > mine || (s == mine && id < &self.id) {
                 better += 1;
                 if better >= cap {
@@ -1074,6 +1171,7 @@ impl Engine {
             .filter(|(_, id)| !self.has_local_work(id))
             .collect();
         let retention = self.config.retention.clone();
+        self.table.freeze_idle_nodes();
         // Finished jobs change rarely: keep their documents cold (I6, memory).
         for (_, job) in &finished {
             self.table.freeze_job(job);
@@ -1095,12 +1193,6 @@ impl Engine {
         }
         let i = self.rng.gen_range(0..self.peers.len());
         self.peers.iter().nth(i).cloned()
-    }
-
-    fn start_anti_entropy(&mut self) {
-        if let Some(peer) = self.random_peer() {
-            self.sends.push((peer, Message::Digest { buckets: self.table.bucket_hashes().to_vec() }));
-        }
     }
 
     fn on_digest(&mut self, from: &str, buckets: &[u64]) {
@@ -1223,20 +1315,20 @@ impl Engine {
     }
 
     fn watched_nodes(&self) -> Vec<NodeId> {
-        let mut ring: Vec<(u64, &NodeId)> = self
-            .table
-            .nodes()
-            .filter(|(id, r)| {
-                r.info.is_some() && (*id == &self.id || self.node_states.get(*id).is_some_and(|s| s.counts()))
-            })
-            .map(|(id, _)| (colony_crdt::hash::stable_hash(id.as_bytes()), id))
-            .collect();
-        ring.sort();
-        let Some(me) = ring.iter().position(|(_, id)| **id == self.id) else { return Vec::new() };
-        let n = ring.len();
-        let k = self.config.timing.care_takers.min(n.saturating_sub(1));
+        let me = (colony_crdt::hash::stable_hash(self.id.as_bytes()), self.id.clone());
+        if !self.ring.contains(&me) {
+            return Vec::new();
+        }
+        let k = self.config.timing.care_takers.min(self.ring.len().saturating_sub(1));
         // We watch the k nodes before us on the ring; each node is watched by the k after it.
-        (1..=k).map(|d| ring[(me + n - d) % n].1.clone()).collect()
+        self.ring
+            .range(..&me)
+            .rev()
+            .chain(self.ring.range(&me..).rev())
+            .filter(|(_, id)| *id != self.id)
+            .take(k)
+            .map(|(_, id)| id.clone())
+            .collect()
     }
 
     fn run_failure_detector(&mut self, now_ms: u64) {
