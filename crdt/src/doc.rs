@@ -20,7 +20,9 @@ pub struct SyncState(automerge::sync::State);
 
 /// A flat string map in one Automerge document.
 pub(crate) struct Doc {
-    am: AutoCommit,
+    // Boxed: an AutoCommit is 4 KiB inline, and tables hold documents in BTreeMap nodes of
+    // eleven entries, so cold entries would pay for it too (45 KiB per map node).
+    am: Box<AutoCommit>,
 }
 
 impl std::fmt::Debug for Doc {
@@ -31,7 +33,7 @@ impl std::fmt::Debug for Doc {
 
 impl Doc {
     pub fn new(actor: &ActorId) -> Doc {
-        Doc { am: AutoCommit::new().with_actor(actor.clone()) }
+        Doc { am: Box::new(AutoCommit::new().with_actor(actor.clone())) }
     }
 
     /// Loads a document saved with [`Doc::save`], writing as `actor` from now on.
@@ -39,7 +41,7 @@ impl Doc {
         let mut am = AutoCommit::load(bytes).map_err(|e| DocError::Malformed(e.to_string()))?.with_actor(actor.clone());
         // Move the incremental-save point to what was loaded: it is already on disk.
         let _ = am.save_incremental();
-        Ok(Doc { am })
+        Ok(Doc { am: Box::new(am) })
     }
 
     /// Whether the document holds no change at all.
@@ -149,9 +151,9 @@ impl Doc {
         self.am.get_changes(&[]).iter().map(|c| c.raw_bytes().to_vec()).collect()
     }
 
-    /// The hashes of every change held.
-    pub fn change_hashes(&mut self) -> Vec<ChangeHash> {
-        self.am.get_changes(&[]).iter_mut().map(|c| c.hash()).collect()
+    /// The current heads.
+    pub fn heads(&mut self) -> Vec<ChangeHash> {
+        self.am.get_heads()
     }
 
     /// A hash of the current heads: equal on two nodes exactly when they hold the same history.

@@ -44,7 +44,7 @@ pub enum TableError {
 struct Entry<R> {
     doc: Option<Doc>,
     cold: Option<Vec<u8>>,
-    /// For a cold document: the hashes of its changes, so a duplicate push does not load it.
+    /// For a cold document: its heads, so a duplicate push of its latest changes does not load it.
     cold_hashes: Vec<automerge::ChangeHash>,
     record: R,
     hash: u64,
@@ -69,8 +69,14 @@ impl<R: Default> Entry<R> {
 
     fn freeze(&mut self) {
         if let Some(mut doc) = self.doc.take() {
-            self.cold_hashes = doc.change_hashes();
-            self.cold = Some(doc.save());
+            // Heads only (reading every change hash costs as much as applying one): a
+            // duplicate of the latest change, the common case, still skips the load.
+            self.cold_hashes = doc.heads();
+            // Automerge's save buffer has kilobytes of spare capacity; a cold document is
+            // kept for long, so keep only its bytes.
+            let mut bytes = doc.save();
+            bytes.shrink_to_fit();
+            self.cold = Some(bytes);
         }
     }
 
@@ -557,6 +563,11 @@ impl Table {
         }
     }
 
+    /// Number of node documents held live (not cold).
+    pub fn live_node_documents(&self) -> usize {
+        self.nodes.values().filter(|e| e.doc.is_some()).count()
+    }
+
     /// Number of job documents held live (not cold).
     pub fn live_job_documents(&self) -> usize {
         self.jobs.values().filter(|e| e.doc.is_some()).count()
@@ -645,7 +656,16 @@ impl Table {
                 DocId::Job(id) => self.jobs.get_mut(id).and_then(|e| e.doc.as_mut()).map(|d| d.save_incremental()),
             };
             if let Some(bytes) = bytes.filter(|b| !b.is_empty()) {
-                out.push(encode(&PersistRecord::Doc { doc: doc_id, bytes }));
+                out.push(encode(&PersistRecord::Doc { doc: doc_id.clone(), bytes }));
+            }
+            // Other nodes' documents go cold as soon as they are on disk (see
+            // `freeze_idle_nodes`): at a 1,000-node boot each node receives 999 of them at once.
+            if let DocId::Node(id) = &doc_id {
+                if *id != self.local {
+                    if let Some(entry) = self.nodes.get_mut(id) {
+                        entry.freeze();
+                    }
+                }
             }
         }
         for (job, at_ms) in std::mem::take(&mut self.compacted_unsaved) {
