@@ -141,7 +141,8 @@ fn main() {
                 config.faults = faults.clone();
                 config.fault_phase_ms = args.fault_phase_ms;
                 config.trace = args.trace;
-                config.progress = !args.json && args.seeds == 1;
+                // Progress goes to stderr, so it never mixes with the JSON on stdout.
+                config.progress = args.seeds == 1;
                 if let Some(n) = args.retain_jobs {
                     config.retention.finished_jobs = n;
                 }
