@@ -4,7 +4,7 @@
 //! what lets nodes agree without asking each other. The reasoning is in ARCHITECTURE.md
 //! ("The claim rule").
 
-use crate::hash::{mix64, stable_hash, stable_hash_parts, unit_interval};
+use crate::hash::{fnv_continue, fnv_prefix, mix64, unit_interval};
 use crate::records::{Claim, JobRecord, NodeId, NodeMode, NodeRecord, Run, RunStatus};
 use crate::spec::{JobKind, JobSpec, Resources};
 use serde::{Deserialize, Serialize};
@@ -101,23 +101,18 @@ fn node_state_of(record: &NodeRecord, death: Option<&u64>, suspect: Option<&u64>
 /// among valid claims wins. It depends on nothing but these four values, so two nodes that see
 /// the same claims pick the same winner whatever else they disagree on (load, membership).
 pub fn rank_key(job: &str, index: u32, attempt: u32, node: &str) -> u64 {
-    rank_key_of(instance_key(job, index, attempt), node_key(node))
+    rank_key_of(instance_key(job, index, attempt), node)
 }
 
-/// The instance half of [`rank_key`]: hash it once per decision, not once per node.
+/// The instance half of [`rank_key`] (an unfinished hash state): compute it once per
+/// decision, then [`rank_key_of`] per node, instead of hashing the job id once per node.
 pub fn instance_key(job: &str, index: u32, attempt: u32) -> u64 {
-    stable_hash_parts(&[job.as_bytes(), &index.to_le_bytes(), &attempt.to_le_bytes()])
+    fnv_prefix(&[job.as_bytes(), &index.to_le_bytes(), &attempt.to_le_bytes()])
 }
 
-/// The node half of [`rank_key`]: hash it once per node, not once per decision.
-pub fn node_key(node: &str) -> u64 {
-    stable_hash(node.as_bytes())
-}
-
-/// [`rank_key`] from its two halves. `mix64` is a bijection, so two nodes never tie for one
-/// instance unless their node keys collide (then the id breaks the tie, see [`winner`]).
-pub fn rank_key_of(instance_key: u64, node_key: u64) -> u64 {
-    mix64(instance_key ^ mix64(node_key.rotate_left(29)))
+/// [`rank_key`] from its instance half: exactly `rank_key(job, index, attempt, node)`.
+pub fn rank_key_of(instance_key: u64, node: &str) -> u64 {
+    mix64(fnv_continue(instance_key, &[node.as_bytes()]))
 }
 
 /// Placement preference of `node`: weighted rendezvous (higher is better). The weight is the
@@ -131,16 +126,16 @@ pub fn placement_score(
     capacity: Resources,
     allocated: Resources,
 ) -> f64 {
-    placement_score_of(instance_key(job, index, attempt), node_key(node), capacity, allocated)
+    placement_score_of(instance_key(job, index, attempt), node, capacity, allocated)
 }
 
-/// [`placement_score`] from precomputed keys: what a node ranking many peers calls.
-pub fn placement_score_of(instance_key: u64, node_key: u64, capacity: Resources, allocated: Resources) -> f64 {
+/// [`placement_score`] from the instance half of the key: what a node ranking many peers calls.
+pub fn placement_score_of(instance_key: u64, node: &str, capacity: Resources, allocated: Resources) -> f64 {
     let free_share = |cap: u64, used: u64| if cap == 0 { 0.0 } else { cap.saturating_sub(used) as f64 / cap as f64 };
     let weight = 0.05
         + free_share(capacity.cpu_millis, allocated.cpu_millis)
             .min(free_share(capacity.memory_mb, allocated.memory_mb));
-    let u = unit_interval(rank_key_of(instance_key, node_key));
+    let u = unit_interval(rank_key_of(instance_key, node));
     // -w / ln(u): the standard weighted rendezvous score; ln(u) < 0 for u in (0,1).
     if u >= 1.0 {
         return f64::INFINITY;

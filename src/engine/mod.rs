@@ -41,7 +41,6 @@ const EAGER_ROUNDS: u32 = 3;
 /// node documents change, so ranking a job costs O(candidates), not a table scan with hashing.
 #[derive(Debug, Clone)]
 struct Candidate {
-    key: u64,
     capacity: Resources,
     labels: BTreeMap<String, String>,
     drivers: Vec<String>,
@@ -168,6 +167,8 @@ struct JobCache {
     allocation: Vec<(NodeId, Resources)>,
     priority: i32,
     finished_at_ms: Option<u64>,
+    /// Nodes with a claim or a run in the job: their state decides its winners and status.
+    participants: BTreeSet<NodeId>,
 }
 
 /// Counters for metrics and the simulator's checkers.
@@ -214,9 +215,9 @@ pub struct Engine {
     candidates: BTreeMap<NodeId, Candidate>,
     /// The care-taker ring: (hash, node) for every node with known facts whose claims count.
     ring: BTreeSet<(u64, NodeId)>,
-    my_key: u64,
     fresh_peers: BTreeSet<NodeId>,
     eager_rounds: u32,
+    next_eager_ms: Option<u64>,
     swim: Swim,
     sessions: BTreeMap<(NodeId, DocId), SyncState>,
     sync_idle_rounds: BTreeMap<(NodeId, DocId), u32>,
@@ -261,7 +262,6 @@ impl Engine {
         let incarnation = table.node(&id).map_or(0, |r| r.incarnation);
         let mode = table.node(&id).map_or(NodeMode::Active, |r| r.mode);
         let swim = Swim::new(&config.timing, now_ms);
-        let my_key = rules::node_key(&id);
         let mut engine = Engine {
             id,
             boot,
@@ -280,9 +280,9 @@ impl Engine {
             node_states: BTreeMap::new(),
             candidates: BTreeMap::new(),
             ring: BTreeSet::new(),
-            my_key,
             fresh_peers: BTreeSet::new(),
             eager_rounds: 0,
+            next_eager_ms: None,
             swim,
             sessions: BTreeMap::new(),
             sync_idle_rounds: BTreeMap::new(),
@@ -426,6 +426,9 @@ impl Engine {
     /// When `handle_timeout` should next be called.
     pub fn poll_timeout(&self) -> u64 {
         let mut t = self.next_anti_entropy_ms.min(self.next_compaction_ms).min(self.swim.next_deadline_ms());
+        if let Some(at) = self.next_eager_ms {
+            t = t.min(at);
+        }
         if let Some((at, _)) = self.timers.first() {
             t = t.min(*at);
         }
@@ -439,21 +442,28 @@ impl Engine {
         if peer == self.id {
             return;
         }
-        if self.peers.insert(peer.clone()) {
-            // Introduce ourselves: every node needs every node document, and one direct
-            // message per new peer is the cheapest way (gossip would move each several times).
-            let changes = self.table.own_node_changes();
-            if !changes.is_empty() {
-                self.sends.push((peer.clone(), Message::Changes { doc: DocId::Node(self.id.clone()), changes }));
-            }
-            // A new peer is the likeliest to differ: bring anti-entropy forward (see EAGER_ROUNDS).
-            self.fresh_peers.insert(peer);
-            if self.eager_rounds == 0 {
-                self.next_anti_entropy_ms = self.next_anti_entropy_ms.min(now_ms);
-            }
-            self.eager_rounds = EAGER_ROUNDS;
-        }
+        self.add_peer(now_ms, &peer);
         self.finish_step(now_ms);
+    }
+
+    /// A peer we had not counted: introduce ourselves and bring anti-entropy forward.
+    fn add_peer(&mut self, now_ms: u64, peer: &str) {
+        if !self.peers.insert(peer.to_string()) {
+            return;
+        }
+        // Every node needs every node document, and one direct message per new peer is the
+        // cheapest way (gossip would move each several times).
+        let changes = self.table.own_node_changes();
+        if !changes.is_empty() {
+            self.sends.push((peer.to_string(), Message::Changes { doc: DocId::Node(self.id.clone()), changes }));
+        }
+        // A new peer is the likeliest to differ (see EAGER_ROUNDS). These rounds come on top
+        // of the regular ones, so a stream of new peers cannot starve the established ones.
+        self.fresh_peers.insert(peer.to_string());
+        if self.next_eager_ms.is_none() {
+            self.next_eager_ms = Some(now_ms);
+        }
+        self.eager_rounds = EAGER_ROUNDS;
     }
 
     /// A peer became unreachable (a hint only: failure detection decides deaths).
@@ -485,7 +495,9 @@ impl Engine {
             return;
         }
         if !self.peers.contains(from) {
-            self.peers.insert(from.to_string());
+            // Heard from before any peer-up (a connection the driver has not reported yet,
+            // or a message still in flight): a peer all the same.
+            self.add_peer(now_ms, from);
         }
         match message {
             Message::Ping { seq } => self.sends.push((from.to_string(), Message::Ack { seq })),
@@ -516,25 +528,31 @@ impl Engine {
     /// Timers: probes, anti-entropy, compaction, claim back-offs and settle windows.
     pub fn handle_timeout(&mut self, now_ms: u64) {
         self.run_failure_detector(now_ms);
-        if now_ms >= self.next_anti_entropy_ms {
-            let eager = self.eager_rounds > 0 && !self.fresh_peers.is_empty();
-            let peer = if eager {
+        if self.next_eager_ms.is_some_and(|at| now_ms >= at) {
+            let peer = if self.eager_rounds > 0 && !self.fresh_peers.is_empty() {
                 self.eager_rounds -= 1;
                 let i = self.rng.gen_range(0..self.fresh_peers.len());
-                let peer = self.fresh_peers.iter().nth(i).cloned();
-                if let Some(p) = &peer {
-                    self.fresh_peers.remove(p);
-                }
-                peer
+                self.fresh_peers.iter().nth(i).cloned()
             } else {
+                None
+            };
+            match peer {
+                Some(peer) => {
+                    self.fresh_peers.remove(&peer);
+                    self.sends.push((peer, Message::Digest { buckets: self.table.bucket_hashes().to_vec() }));
+                    let gap = (self.config.timing.anti_entropy_ms / 10).max(1);
+                    self.next_eager_ms = (self.eager_rounds > 0).then_some(now_ms + gap);
+                }
+                None => self.next_eager_ms = None,
+            }
+            if self.next_eager_ms.is_none() {
                 self.eager_rounds = 0;
                 self.fresh_peers.clear();
-                self.random_peer()
-            };
-            let interval = self.config.timing.anti_entropy_ms;
-            let gap = if self.eager_rounds > 0 { (interval / 10).max(1) } else { interval };
-            self.next_anti_entropy_ms = now_ms + gap;
-            if let Some(peer) = peer {
+            }
+        }
+        if now_ms >= self.next_anti_entropy_ms {
+            self.next_anti_entropy_ms = now_ms + self.config.timing.anti_entropy_ms;
+            if let Some(peer) = self.random_peer() {
                 self.sends.push((peer, Message::Digest { buckets: self.table.bucket_hashes().to_vec() }));
             }
         }
@@ -711,13 +729,13 @@ impl Engine {
     /// Node documents (or the certificates about those nodes) changed. Cost is per changed
     /// node, not per cluster member: on a 1,000-node boot every node document arrives once.
     fn on_nodes_changed(&mut self, nodes: &[NodeId]) {
-        let mut state_changed = false;
+        let mut state_changed: BTreeSet<&NodeId> = BTreeSet::new();
         let mut about_me = false;
         for id in nodes {
             about_me |= *id == self.id;
             let new = self.table.node_states().get(id).copied();
             if self.node_states.get(id).copied() != new {
-                state_changed = true;
+                state_changed.insert(id);
                 match new {
                     Some(state) => {
                         self.events.push(Event::Node { id: id.clone(), state });
@@ -730,16 +748,20 @@ impl Engine {
             }
             self.refresh_node_caches(id);
         }
-        if state_changed {
-            // A node's death or return changes who wins its instances, and who ranks where.
-            // Finished jobs have nothing left to place.
-            let open: Vec<JobId> = self
+        if !state_changed.is_empty() {
+            // A node's death or return changes who wins its instances, and who ranks where:
+            // every open job, and any finished job the node took part in (a return can make
+            // a failed or stopped job running again). Other finished jobs cannot change.
+            let affected: Vec<JobId> = self
                 .cache
                 .iter()
-                .filter(|(_, c)| c.status.is_none_or(|s| !s.is_terminal()))
+                .filter(|(_, c)| {
+                    c.status.is_none_or(|s| !s.is_terminal())
+                        || state_changed.iter().any(|n| c.participants.contains(*n))
+                })
                 .map(|(id, _)| id.clone())
                 .collect();
-            self.dirty.extend(open);
+            self.dirty.extend(affected);
         }
         if about_me {
             self.refute_if_needed(false);
@@ -763,12 +785,8 @@ impl Engine {
             && state.unwrap_or(NodeState::Alive) == NodeState::Alive;
         match info {
             Some(info) if eligible => {
-                let candidate = Candidate {
-                    key: rules::node_key(id),
-                    capacity: info.capacity,
-                    labels: info.labels.clone(),
-                    drivers: info.drivers.clone(),
-                };
+                let candidate =
+                    Candidate { capacity: info.capacity, labels: info.labels.clone(), drivers: info.drivers.clone() };
                 self.candidates.insert(id.clone(), candidate);
             }
             _ => {
@@ -876,7 +894,9 @@ impl Engine {
         let stopped = !record.stops.is_empty();
         let status = rules::job_status(stopped, &views);
         let finished_at_ms = status.is_terminal().then(|| rules::finished_at_ms(record));
-        self.update_cache(job, &spec, status, &views, finished_at_ms);
+        let participants: BTreeSet<NodeId> =
+            record.claims.keys().map(|(_, n)| n).chain(record.runs.keys().map(|(_, _, n)| n)).cloned().collect();
+        self.update_cache(job, &spec, status, &views, finished_at_ms, participants);
         for view in &views {
             self.act_on_instance(now_ms, job, &spec, view, stopped, header.submitted_at_ms);
         }
@@ -889,6 +909,7 @@ impl Engine {
         status: JobStatus,
         views: &[InstanceView],
         finished_at_ms: Option<u64>,
+        participants: BTreeSet<NodeId>,
     ) {
         let instances: Vec<(InstanceStatus, Option<NodeId>)> =
             views.iter().map(|v| (v.status, v.owner.clone())).collect();
@@ -922,7 +943,14 @@ impl Engine {
         }
         self.cache.insert(
             job.to_string(),
-            JobCache { status: Some(status), instances, allocation, priority: spec.priority, finished_at_ms },
+            JobCache {
+                status: Some(status),
+                instances,
+                allocation,
+                priority: spec.priority,
+                finished_at_ms,
+                participants,
+            },
         );
     }
 
@@ -1071,14 +1099,14 @@ impl Engine {
     /// constraints, with room for the request by our view of their allocation.
     fn rank_position(&self, job: &str, spec: &JobSpec, view: &InstanceView) -> u32 {
         let instance = rules::instance_key(job, view.index, view.attempt);
-        let score_of = |node: &str, key: u64, capacity: Resources, allocated: Resources| {
-            let mut s = rules::placement_score_of(instance, key, capacity, allocated);
+        let score_of = |node: &str, capacity: Resources, allocated: Resources| {
+            let mut s = rules::placement_score_of(instance, node, capacity, allocated);
             if spec.restart.placement == RestartPlacement::Other && view.failed_on.contains(node) {
                 s /= 1e6; // after every node that has not failed it
             }
             s
         };
-        let mine = score_of(&self.id, self.my_key, self.config.capacity, self.local_allocation());
+        let mine = score_of(&self.id, self.config.capacity, self.local_allocation());
         let cap = self.config.timing.max_claim_rank;
         let mut better = 0;
         for (id, c) in &self.candidates {
@@ -1089,7 +1117,7 @@ impl Engine {
             if !c.capacity.minus(allocated).fits(spec.resources) {
                 continue;
             }
-            let s = score_of(id, c.key, c.capacity, allocated);
+            let s = score_of(id, c.capacity, allocated);
             if s > mine || (s == mine && id < &self.id) {
                 better += 1;
                 if better >= cap {
