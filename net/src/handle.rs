@@ -65,6 +65,10 @@ impl PeerTable {
         }
     }
 
+    fn has_room(&self, peer: &PeerId) -> bool {
+        self.lock().get(peer).is_some_and(|slot| slot.connected && slot.in_flight < MAX_IN_FLIGHT_PER_PEER)
+    }
+
     pub(crate) fn release(&self, peer: &PeerId) {
         let mut peers = self.lock();
         if let Some(slot) = peers.get_mut(peer) {
@@ -199,6 +203,13 @@ impl NetHandle {
             Err(mpsc::error::TrySendError::Full(_)) => Err(NetError::QueueFull),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(NetError::Shutdown),
         }
+    }
+
+    /// Whether `peer` is connected and its in-flight limit has room for one more message:
+    /// callers that would rather wait than lose a message (see [`NetError::QueueFull`]) keep
+    /// it until this holds.
+    pub fn has_room(&self, peer: &PeerId) -> bool {
+        self.inner.peers.has_room(peer)
     }
 
     /// Sends a request to a connected peer and waits for its reply.
