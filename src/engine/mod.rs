@@ -1321,12 +1321,10 @@ impl Engine {
     // ---------------------------------------------------------------- failure detection
 
     fn on_ack(&mut self, now_ms: u64, from: &str, seq: u64) {
-        match self.swim.on_ack(now_ms, seq) {
+        match self.swim.on_ack(now_ms, seq, from) {
             swim::AckOutcome::Relay { origin, seq } => self.sends.push((origin, Message::Ack { seq })),
             swim::AckOutcome::Alive { target } => self.clear_suspicion(&target),
-            swim::AckOutcome::Unknown => {
-                let _ = from;
-            }
+            swim::AckOutcome::Unknown => {}
         }
     }
 

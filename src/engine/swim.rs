@@ -155,13 +155,20 @@ impl Swim {
         self.seq
     }
 
-    pub fn on_ack(&mut self, now_ms: u64, seq: u64) -> AckOutcome {
+    /// An `Ack` with `seq` arrived from `from`.
+    pub fn on_ack(&mut self, now_ms: u64, seq: u64, from: &str) -> AckOutcome {
         if let Some((origin, origin_seq, _)) = self.relays.remove(&seq) {
             return AckOutcome::Relay { origin, seq: origin_seq };
         }
         let Some(probe) = self.probes.remove(&seq) else { return AckOutcome::Unknown };
-        // Late answers are samples too: they are what stretches the timeouts on a slow network.
-        self.sample_rtt(now_ms.saturating_sub(probe.sent_ms));
+        // The target's own answer is a round-trip sample, late ones too: they are what
+        // stretches the timeouts on a slow network. An answer relayed by an indirect prober
+        // is not (Karn's rule): it includes the direct timeout, so it would raise the timeout,
+        // which raises the next sample, without bound, whenever a watched node is reachable
+        // only through others (seen as multi-second settle windows on a partial mesh).
+        if from == probe.target {
+            self.sample_rtt(now_ms.saturating_sub(probe.sent_ms));
+        }
         self.probing.remove(&probe.target);
         self.suspected.remove(&probe.target);
         self.local_health = self.local_health.saturating_sub(1);
@@ -211,5 +218,34 @@ impl Swim {
         if let Some(seq) = self.probing.remove(target) {
             self.probes.remove(&seq);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_targets_own_answer_is_a_round_trip_sample() {
+        let mut swim = Swim::new(&Timing::default(), 0);
+        let seq = swim.start_probe(0, "b").expect("not probing b yet");
+        assert!(matches!(swim.on_ack(2, seq, "b"), AckOutcome::Alive { .. }));
+        let bound = swim.rtt_bound_ms();
+        assert!(bound > 0 && bound < 20, "one 2 ms sample gives a small bound, got {bound}");
+        // A watched node reachable only through other nodes: every answer is relayed and
+        // arrives after the direct timeout. None of them may move the estimate, or the
+        // timeout and the settle window ratchet up without bound.
+        let mut now = 10;
+        for _ in 0..50 {
+            let seq = swim.start_probe(now, "c").expect("the last probe of c ended");
+            assert!(matches!(swim.on_ack(now + 400, seq, "helper"), AckOutcome::Alive { .. }));
+            now += 1_000;
+        }
+        assert_eq!(swim.rtt_bound_ms(), bound);
+        // A late answer from the target itself still counts: that is how a slow network
+        // stretches the timeouts.
+        let seq = swim.start_probe(now, "b").expect("not probing b");
+        swim.on_ack(now + 300, seq, "b");
+        assert!(swim.rtt_bound_ms() > bound);
     }
 }
