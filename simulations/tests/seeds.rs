@@ -113,3 +113,27 @@ fn named_scenarios_hold_every_invariant() {
         }
     }
 }
+
+/// Joining costs O(N) messages, not O(N^2) anti-entropy rounds. At 60 nodes a Digest to every
+/// new peer (the old join) is 3,540 digests before any job; the bound here is a few early
+/// rounds per node plus one regular round per node per second. Counts, not speed: stable on
+/// any machine.
+#[test]
+fn joining_a_large_cluster_costs_linear_anti_entropy() {
+    const NODES: usize = 60;
+    let mut config = SimConfig::new(NODES, 20, 3);
+    config.faults = Vec::new();
+    config.fault_phase_ms = 2_000;
+    let r = Sim::new(config).run();
+    assert_ok(&r, NODES, 20);
+    let digests = r.messages_by_kind.get("digest").copied().unwrap_or(0);
+    let rounds_per_node = 3 + r.virtual_ms / 1_000 + 1;
+    assert!(
+        digests <= NODES as u64 * rounds_per_node,
+        "{digests} digests for {NODES} nodes over {} virtual ms: anti-entropy grows faster than the cluster",
+        r.virtual_ms
+    );
+    // Every node learned every other node's document (the introductions arrived).
+    assert!(r.converged, "digests differ at rest");
+    assert!(r.task_starts >= 20, "the jobs did not run: {r:?}");
+}
