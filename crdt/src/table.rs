@@ -563,11 +563,6 @@ impl Table {
         }
     }
 
-    /// Number of node documents held live (not cold).
-    pub fn live_node_documents(&self) -> usize {
-        self.nodes.values().filter(|e| e.doc.is_some()).count()
-    }
-
     /// Number of job documents held live (not cold).
     pub fn live_job_documents(&self) -> usize {
         self.jobs.values().filter(|e| e.doc.is_some()).count()

@@ -650,12 +650,8 @@ impl Runtime {
         let peers: Vec<PeerId> = self.backlog.keys().copied().collect();
         for peer in peers {
             let Some(waiting) = self.backlog.get_mut(&peer) else { continue };
-            while let Some(bytes) = waiting.front() {
-                if !self.net.has_room(&peer) {
-                    break;
-                }
-                let bytes = bytes.clone();
-                waiting.pop_front();
+            while !waiting.is_empty() && self.net.has_room(&peer) {
+                let Some(bytes) = waiting.pop_front() else { break };
                 match self.net.try_send(peer, bytes) {
                     Ok(()) => self.stats.sends += 1,
                     Err(NetError::QueueFull) => {
