@@ -3,7 +3,9 @@
 
 use std::{
     collections::{HashMap, VecDeque},
+    pin::Pin,
     sync::Arc,
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -15,7 +17,9 @@ use futures::{
 use libp2p::{
     core::{
         muxing::StreamMuxerBox,
-        transport::{Boxed, Transport},
+        transport::{
+            Boxed, DialOpts as TransportDialOpts, ListenerId, PortUse, Transport, TransportError, TransportEvent,
+        },
         upgrade,
     },
     identify,
@@ -85,7 +89,7 @@ pub(crate) struct Behaviour {
 /// TCP (nodelay) → pnet (if a key is set) → noise → yamux.
 fn build_transport(key: &Keypair, psk: Option<PreSharedKey>) -> Result<Boxed<(PeerId, StreamMuxerBox)>, NetError> {
     let noise = noise::Config::new(key).map_err(|e| NetError::Transport(e.to_string()))?;
-    let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+    let tcp = FreshPort(tcp::tokio::Transport::new(tcp::Config::default().nodelay(true)));
     let base = tcp.and_then(move |socket, _| async move {
         match psk {
             Some(psk) => PnetConfig::new(psk).handshake(socket).await.map(Either::Left),
@@ -99,6 +103,42 @@ fn build_transport(key: &Keypair, psk: Option<PreSharedKey>) -> Result<Boxed<(Pe
         .timeout(HANDSHAKE_TIMEOUT)
         .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
         .boxed())
+}
+
+/// A transport that dials every connection from a fresh ephemeral port.
+///
+/// libp2p's TCP transport by default dials *from its listening port* (for NAT hole punching,
+/// which Colony does not do). Every agent listens on the same port (7475), so when two agents
+/// discover each other at the same moment (mDNS answers arrive within a millisecond of each
+/// other) both dial `A:7475 → B:7475` and `B:7475 → A:7475`: one 4-tuple, a TCP simultaneous
+/// open, a single connection on which both sides start the Noise handshake as initiator, and
+/// neither connection survives. Found as a flaky mDNS test in network namespaces.
+struct FreshPort<T>(T);
+
+impl<T: Transport + Unpin> Transport for FreshPort<T> {
+    type Output = T::Output;
+    type Error = T::Error;
+    type ListenerUpgrade = T::ListenerUpgrade;
+    type Dial = T::Dial;
+
+    fn listen_on(&mut self, id: ListenerId, addr: Multiaddr) -> Result<(), TransportError<Self::Error>> {
+        self.0.listen_on(id, addr)
+    }
+
+    fn remove_listener(&mut self, id: ListenerId) -> bool {
+        self.0.remove_listener(id)
+    }
+
+    fn dial(&mut self, addr: Multiaddr, opts: TransportDialOpts) -> Result<Self::Dial, TransportError<Self::Error>> {
+        self.0.dial(addr, TransportDialOpts { port_use: PortUse::New, ..opts })
+    }
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<TransportEvent<Self::ListenerUpgrade, Self::Error>> {
+        Pin::new(&mut self.0).poll(cx)
+    }
 }
 
 fn build_behaviour(config: &NetConfig) -> Result<Behaviour, NetError> {
@@ -190,6 +230,15 @@ struct Seed {
     is_self: bool,
 }
 
+/// A peer found by mDNS, redialled with backoff while it is not connected and its record
+/// has not expired. mDNS reports a peer once, so a single failed dial would otherwise leave
+/// it unconnected until its record expires (minutes).
+struct LanPeer {
+    addrs: Vec<Multiaddr>,
+    next_attempt: Instant,
+    backoff: Duration,
+}
+
 /// What an outbound request is waiting for.
 struct Outbound {
     peer: PeerId,
@@ -210,6 +259,7 @@ pub(crate) struct Driver {
     /// Remote address of every live connection (for the loopback filter on identify).
     connections: HashMap<ConnectionId, Multiaddr>,
     seeds: Vec<Seed>,
+    lan_peers: HashMap<PeerId, LanPeer>,
     max_message_bytes: usize,
     request_timeout: Duration,
     last_bootstrap: Option<Instant>,
@@ -252,6 +302,7 @@ impl Driver {
             replies: FuturesUnordered::new(),
             connections: HashMap::new(),
             seeds,
+            lan_peers: HashMap::new(),
             max_message_bytes: config.max_message_bytes,
             request_timeout: config.request_timeout,
             last_bootstrap: None,
@@ -357,7 +408,10 @@ impl Driver {
                 Some((channel, reply)) = self.replies.next(), if !self.replies.is_empty() => {
                     self.send_reply(channel, reply);
                 }
-                _ = seed_tick.tick() => self.redial_seeds(),
+                _ = seed_tick.tick() => {
+                    self.redial_seeds();
+                    self.redial_lan_peers();
+                }
                 _ = bootstrap_tick.tick() => self.bootstrap(),
             }
         }
@@ -508,6 +562,23 @@ impl Driver {
         }
     }
 
+    fn redial_lan_peers(&mut self) {
+        let now = Instant::now();
+        let due: Vec<(PeerId, Vec<Multiaddr>)> = self
+            .lan_peers
+            .iter_mut()
+            .filter(|(peer, lan)| now >= lan.next_attempt && !self.swarm.is_connected(peer))
+            .map(|(peer, lan)| {
+                lan.next_attempt = now + lan.backoff;
+                lan.backoff = (lan.backoff * 2).min(SEED_BACKOFF_MAX);
+                (*peer, lan.addrs.clone())
+            })
+            .collect();
+        for (peer, addrs) in due {
+            self.dial_peer(peer, addrs);
+        }
+    }
+
     fn bootstrap(&mut self) {
         self.last_bootstrap = Some(Instant::now());
         if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
@@ -562,6 +633,9 @@ impl Driver {
                         seed.peer.get_or_insert(peer_id);
                         seed.backoff = SEED_BACKOFF_MIN;
                     }
+                }
+                if let Some(lan) = self.lan_peers.get_mut(&peer_id) {
+                    lan.backoff = SEED_BACKOFF_MIN;
                 }
                 if num_established.get() == 1 {
                     tracing::info!(peer = %peer_id, addr = %remote, role = ?endpoint.to_endpoint(), "peer up");
@@ -647,12 +721,32 @@ impl Driver {
                 for (peer, addr) in found {
                     by_peer.entry(peer).or_default().push(addr);
                 }
+                let next_attempt = Instant::now() + SEED_BACKOFF_MIN;
                 for (peer, addrs) in by_peer {
                     tracing::debug!(%peer, "discovered via mDNS");
+                    let lan = self.lan_peers.entry(peer).or_insert_with(|| LanPeer {
+                        addrs: Vec::new(),
+                        next_attempt,
+                        backoff: SEED_BACKOFF_MIN,
+                    });
+                    for addr in &addrs {
+                        if !lan.addrs.contains(addr) {
+                            lan.addrs.push(addr.clone());
+                        }
+                    }
                     self.dial_peer(peer, addrs);
                 }
             }
-            BehaviourEvent::Mdns(libp2p::mdns::Event::Expired(_)) => {}
+            BehaviourEvent::Mdns(libp2p::mdns::Event::Expired(gone)) => {
+                for (peer, addr) in gone {
+                    if let Some(lan) = self.lan_peers.get_mut(&peer) {
+                        lan.addrs.retain(|a| *a != addr);
+                        if lan.addrs.is_empty() {
+                            self.lan_peers.remove(&peer);
+                        }
+                    }
+                }
+            }
         }
     }
 
