@@ -224,8 +224,7 @@ struct Seed {
     /// `peer` came from the configuration (not learned), so it is never forgotten.
     fixed_peer: bool,
     dialing: Option<ConnectionId>,
-    next_attempt: Instant,
-    backoff: Duration,
+    redial: Backoff,
     /// The seed turned out to be this node; never dial it again.
     is_self: bool,
 }
@@ -235,8 +234,34 @@ struct Seed {
 /// it unconnected until its record expires (minutes).
 struct LanPeer {
     addrs: Vec<Multiaddr>,
+    redial: Backoff,
+}
+
+/// When to dial a disconnected peer again: waits double from `SEED_BACKOFF_MIN` to
+/// `SEED_BACKOFF_MAX`, and start over once a connection is made.
+struct Backoff {
     next_attempt: Instant,
-    backoff: Duration,
+    wait: Duration,
+}
+
+impl Backoff {
+    fn starting_at(next_attempt: Instant) -> Backoff {
+        Backoff { next_attempt, wait: SEED_BACKOFF_MIN }
+    }
+
+    fn is_due(&self, now: Instant) -> bool {
+        now >= self.next_attempt
+    }
+
+    /// An attempt is made now: schedule the next one.
+    fn attempted(&mut self, now: Instant) {
+        self.next_attempt = now + self.wait;
+        self.wait = (self.wait * 2).min(SEED_BACKOFF_MAX);
+    }
+
+    fn connected(&mut self) {
+        self.wait = SEED_BACKOFF_MIN;
+    }
 }
 
 /// What an outbound request is waiting for.
@@ -286,8 +311,7 @@ impl Driver {
                     peer,
                     fixed_peer: peer.is_some(),
                     dialing: None,
-                    next_attempt: now,
-                    backoff: SEED_BACKOFF_MIN,
+                    redial: Backoff::starting_at(now),
                     is_self: peer == Some(local),
                 }
             })
@@ -533,7 +557,7 @@ impl Driver {
         let now = Instant::now();
         for i in 0..self.seeds.len() {
             let seed = &self.seeds[i];
-            if seed.is_self || seed.dialing.is_some() || now < seed.next_attempt {
+            if seed.is_self || seed.dialing.is_some() || !seed.redial.is_due(now) {
                 continue;
             }
             if seed.peer.is_some_and(|p| self.swarm.is_connected(&p)) {
@@ -548,8 +572,7 @@ impl Driver {
             };
             let id = opts.connection_id();
             let seed = &mut self.seeds[i];
-            seed.next_attempt = now + seed.backoff;
-            seed.backoff = (seed.backoff * 2).min(SEED_BACKOFF_MAX);
+            seed.redial.attempted(now);
             match self.swarm.dial(opts) {
                 Ok(()) => {
                     tracing::debug!(addr = %seed.addr, "dialling seed");
@@ -567,10 +590,9 @@ impl Driver {
         let due: Vec<(PeerId, Vec<Multiaddr>)> = self
             .lan_peers
             .iter_mut()
-            .filter(|(peer, lan)| now >= lan.next_attempt && !self.swarm.is_connected(peer))
+            .filter(|(peer, lan)| lan.redial.is_due(now) && !self.swarm.is_connected(peer))
             .map(|(peer, lan)| {
-                lan.next_attempt = now + lan.backoff;
-                lan.backoff = (lan.backoff * 2).min(SEED_BACKOFF_MAX);
+                lan.redial.attempted(now);
                 (*peer, lan.addrs.clone())
             })
             .collect();
@@ -631,11 +653,11 @@ impl Driver {
                             seed.dialing = None;
                         }
                         seed.peer.get_or_insert(peer_id);
-                        seed.backoff = SEED_BACKOFF_MIN;
+                        seed.redial.connected();
                     }
                 }
                 if let Some(lan) = self.lan_peers.get_mut(&peer_id) {
-                    lan.backoff = SEED_BACKOFF_MIN;
+                    lan.redial.connected();
                 }
                 if num_established.get() == 1 {
                     tracing::info!(peer = %peer_id, addr = %remote, role = ?endpoint.to_endpoint(), "peer up");
@@ -724,11 +746,10 @@ impl Driver {
                 let next_attempt = Instant::now() + SEED_BACKOFF_MIN;
                 for (peer, addrs) in by_peer {
                     tracing::debug!(%peer, "discovered via mDNS");
-                    let lan = self.lan_peers.entry(peer).or_insert_with(|| LanPeer {
-                        addrs: Vec::new(),
-                        next_attempt,
-                        backoff: SEED_BACKOFF_MIN,
-                    });
+                    let lan = self
+                        .lan_peers
+                        .entry(peer)
+                        .or_insert_with(|| LanPeer { addrs: Vec::new(), redial: Backoff::starting_at(next_attempt) });
                     for addr in &addrs {
                         if !lan.addrs.contains(addr) {
                             lan.addrs.push(addr.clone());

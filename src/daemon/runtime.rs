@@ -63,6 +63,25 @@ const SEND_BACKLOG_PER_PEER: usize = 16_384;
 /// How soon a backlog is retried while it is not empty.
 const SEND_BACKLOG_RETRY: Duration = Duration::from_millis(2);
 
+/// Hands one message to the mesh and counts the outcome.
+fn try_send_counted(net: &NetHandle, stats: &mut IoStats, peer: PeerId, bytes: Vec<u8>) -> Result<(), NetError> {
+    let result = net.try_send(peer, bytes);
+    match &result {
+        Ok(()) => stats.sends += 1,
+        Err(NetError::QueueFull) => {
+            // The mesh's command queue itself is full (rare: the whole node is behind).
+            stats.sends_dropped += 1;
+            tracing::debug!(%peer, "outbound queue full; message dropped");
+        }
+        Err(NetError::NotConnected(_)) => stats.sends_unreachable += 1,
+        Err(e) => {
+            stats.send_errors += 1;
+            tracing::debug!(%peer, error = %e, "message not sent");
+        }
+    }
+    result
+}
+
 /// Milliseconds since the UNIX epoch by the system clock.
 pub fn system_now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -627,19 +646,7 @@ impl Runtime {
             self.stats.sends_deferred += 1;
             return;
         }
-        match self.net.try_send(peer, bytes) {
-            Ok(()) => self.stats.sends += 1,
-            Err(NetError::QueueFull) => {
-                // The mesh's command queue itself is full (rare: the whole node is behind).
-                self.stats.sends_dropped += 1;
-                tracing::debug!(%peer, "outbound queue full; message dropped");
-            }
-            Err(NetError::NotConnected(_)) => self.stats.sends_unreachable += 1,
-            Err(e) => {
-                self.stats.send_errors += 1;
-                tracing::debug!(%peer, error = %e, "message not sent");
-            }
-        }
+        let _ = try_send_counted(&self.net, &mut self.stats, peer, bytes);
     }
 
     /// Sends what waits in the backlogs, in order, while the peers' queues take it.
@@ -652,17 +659,13 @@ impl Runtime {
             let Some(waiting) = self.backlog.get_mut(&peer) else { continue };
             while !waiting.is_empty() && self.net.has_room(&peer) {
                 let Some(bytes) = waiting.pop_front() else { break };
-                match self.net.try_send(peer, bytes) {
-                    Ok(()) => self.stats.sends += 1,
-                    Err(NetError::QueueFull) => {
-                        self.stats.sends_dropped += 1;
-                        break;
-                    }
+                match try_send_counted(&self.net, &mut self.stats, peer, bytes) {
+                    Err(NetError::QueueFull) => break,
                     Err(NetError::NotConnected(_)) => {
-                        self.stats.sends_unreachable += 1 + waiting.len() as u64;
+                        self.stats.sends_unreachable += waiting.len() as u64;
                         waiting.clear();
                     }
-                    Err(_) => self.stats.send_errors += 1,
+                    _ => {}
                 }
             }
             if waiting.is_empty() {
