@@ -18,6 +18,18 @@ pub enum DocError {
 #[derive(Debug, Default)]
 pub struct SyncState(automerge::sync::State);
 
+/// A hash of a set of heads, in any order: equal on two nodes exactly when they hold the same
+/// history. Deferred documents compute it from change metadata, without applying.
+pub(crate) fn heads_hash(heads: &[ChangeHash]) -> u64 {
+    let mut heads = heads.to_vec();
+    heads.sort();
+    let mut bytes = Vec::with_capacity(heads.len() * 32);
+    for h in &heads {
+        bytes.extend_from_slice(&h.0);
+    }
+    stable_hash(&bytes)
+}
+
 /// A flat string map in one Automerge document.
 pub(crate) struct Doc {
     // Boxed: an AutoCommit is 4 KiB inline, and tables hold documents in BTreeMap nodes of
@@ -42,6 +54,16 @@ impl Doc {
         // Move the incremental-save point to what was loaded: it is already on disk.
         let _ = am.save_incremental();
         Ok(Doc { am: Box::new(am) })
+    }
+
+    /// A copy to read from (and write to as `actor`), leaving this one untouched.
+    pub fn copy(&self, actor: &ActorId) -> Doc {
+        Doc { am: Box::new(self.am.as_ref().clone().with_actor(actor.clone())) }
+    }
+
+    /// Whether changes wait inside Automerge for dependencies not received yet.
+    pub fn has_waiting_changes(&mut self) -> bool {
+        !self.am.get_missing_deps(&[]).is_empty()
     }
 
     /// Whether the document holds no change at all.
@@ -158,13 +180,7 @@ impl Doc {
 
     /// A hash of the current heads: equal on two nodes exactly when they hold the same history.
     pub fn heads_hash(&mut self) -> u64 {
-        let mut heads = self.am.get_heads();
-        heads.sort();
-        let mut bytes = Vec::with_capacity(heads.len() * 32);
-        for h in &heads {
-            bytes.extend_from_slice(&h.0);
-        }
-        stable_hash(&bytes)
+        heads_hash(&self.am.get_heads())
     }
 
     pub fn save(&mut self) -> Vec<u8> {

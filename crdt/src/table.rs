@@ -13,14 +13,15 @@
 //! A job's history lives and dies with the job: compaction drops the whole document, and a
 //! bounded tombstone list keeps peers from handing it back. See ARCHITECTURE.md.
 
-use crate::doc::{Doc, DocError, SyncState};
+use crate::doc::{heads_hash, Doc, DocError, SyncState};
 use crate::hash::{mix64, stable_hash};
 use crate::records::{
     keys, Claim, DocId, JobHeader, JobId, JobRecord, NodeId, NodeInfo, NodeMode, NodeRecord, Run, StopRequest,
 };
 use crate::rules::{node_state, NodeState};
-use automerge::ActorId;
+use automerge::{ActorId, ChangeHash};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// Anti-entropy buckets. A digest is this many hashes, so two peers find which slice of the
@@ -48,11 +49,35 @@ struct Entry<R> {
     cold_hashes: Vec<automerge::ChangeHash>,
     record: R,
     hash: u64,
+    /// Set while the document is deferred (see [`Table::defer_job`]).
+    deferred: Option<Box<Deferred>>,
+}
+
+/// Remote changes to a deferred document: held as bytes, counted in the digest, persisted,
+/// and applied in one batch when the document is next needed.
+struct Deferred {
+    /// Changes the document is known to hold: its heads when deferred, and each change since.
+    /// A change that depends on anything else (an older change, or one not yet received) is
+    /// not deferred: the document is brought up to date and applies it the usual way.
+    known: Vec<ChangeHash>,
+    /// The heads the document will have once `pending` is applied.
+    heads: Vec<ChangeHash>,
+    /// Change bytes in causal order.
+    pending: Vec<Vec<u8>>,
+    /// `pending[..persisted]` are already in a persist record.
+    persisted: usize,
 }
 
 impl<R: Default> Entry<R> {
     fn new(actor: &ActorId) -> Entry<R> {
-        Entry { doc: Some(Doc::new(actor)), cold: None, cold_hashes: Vec::new(), record: R::default(), hash: 0 }
+        Entry {
+            doc: Some(Doc::new(actor)),
+            cold: None,
+            cold_hashes: Vec::new(),
+            record: R::default(),
+            hash: 0,
+            deferred: None,
+        }
     }
 
     fn doc_mut(&mut self, actor: &ActorId) -> Result<&mut Doc, DocError> {
@@ -130,6 +155,8 @@ pub struct Table {
     /// Every change of the local node's document, kept between its changes: a node
     /// introduces itself to each new peer with it (a thousand times at a 1,000-node boot).
     own_changes: Option<Vec<Vec<u8>>>,
+    /// Deferred jobs holding changes not yet applied.
+    deferred_pending: BTreeSet<JobId>,
 }
 
 impl std::fmt::Debug for Table {
@@ -174,6 +201,7 @@ impl Table {
             changed: BTreeSet::new(),
             outbox: Vec::new(),
             own_changes: None,
+            deferred_pending: BTreeSet::new(),
         }
     }
 
@@ -242,6 +270,9 @@ impl Table {
     /// Writes one key as the local node. Writing to a compacted job is ignored (it must not
     /// come back), and deleting from a document we do not hold creates nothing.
     fn write(&mut self, doc_id: DocId, key: &str, value: Option<&str>) {
+        if let DocId::Job(id) = &doc_id {
+            self.materialize(id, true);
+        }
         let actor = self.actor.clone();
         let change = match &doc_id {
             DocId::Node(id) => {
@@ -475,6 +506,9 @@ impl Table {
         doc_id: &DocId,
         op: impl FnOnce(&mut Doc) -> Result<T, DocError>,
     ) -> Result<Option<T>, TableError> {
+        if let DocId::Job(id) = doc_id {
+            self.materialize(id, true);
+        }
         let actor = self.actor.clone();
         let result = match doc_id {
             DocId::Node(id) => {
@@ -508,6 +542,11 @@ impl Table {
     /// changes are ignored (returns false). On error nothing changed.
     pub fn apply_changes(&mut self, doc_id: &DocId, changes: &[Vec<u8>]) -> Result<bool, TableError> {
         let mut parsed = Doc::parse_changes(changes)?;
+        if let DocId::Job(id) = doc_id {
+            if let Some(moved) = self.defer_changes(id, &mut parsed, changes) {
+                return Ok(moved);
+            }
+        }
         let known = match doc_id {
             DocId::Node(id) => self.nodes.get(id).is_some_and(|e| e.cold_and_known(&mut parsed)),
             DocId::Job(id) => self.jobs.get(id).is_some_and(|e| e.cold_and_known(&mut parsed)),
@@ -520,6 +559,141 @@ impl Table {
             self.after_change(doc_id);
         }
         Ok(moved)
+    }
+
+    // ---- deferred documents ----
+
+    /// Defers a job's document: until it is next needed, remote changes to it are held as
+    /// bytes instead of applied. They count in the digest at once (from each change's hash
+    /// and dependencies, no apply), are persisted, and are applied in one batch by
+    /// [`Table::materialize_job`], a local write, a sync round, or a snapshot.
+    ///
+    /// A node defers the jobs it has no part in: of the about seven changes a job makes, an
+    /// uninvolved node would otherwise apply each on arrival (about 40 µs each, plus the
+    /// re-evaluation). Its record reads stale until materialized; the digest never does.
+    pub fn defer_job(&mut self, job: &str) {
+        let Some(entry) = self.jobs.get_mut(job) else { return };
+        if entry.deferred.is_some() {
+            return;
+        }
+        let heads = match (&mut entry.doc, &entry.cold) {
+            // Changes waiting inside Automerge for their dependencies would join the heads
+            // when those arrive, which the deferral could not foresee.
+            (Some(doc), _) => {
+                if doc.has_waiting_changes() {
+                    return;
+                }
+                doc.heads()
+            }
+            (None, Some(_)) => entry.cold_hashes.clone(),
+            (None, None) => return,
+        };
+        if heads.is_empty() {
+            return;
+        }
+        entry.deferred = Some(Box::new(Deferred { known: heads.clone(), heads, pending: Vec::new(), persisted: 0 }));
+    }
+
+    /// A job's record including changes a deferred document holds but has not applied (on a
+    /// copy: reads do not disturb the deferral). [`Table::job`] is the applied record only.
+    pub fn job_current(&self, id: &str) -> Option<Cow<'_, JobRecord>> {
+        let entry = self.jobs.get(id)?;
+        let Some(deferred) = entry.deferred.as_ref().filter(|d| !d.pending.is_empty()) else {
+            return Some(Cow::Borrowed(&entry.record));
+        };
+        let mut doc = match (&entry.doc, &entry.cold) {
+            (Some(doc), _) => doc.copy(&self.actor),
+            (None, Some(bytes)) => Doc::load(bytes, &self.actor).ok()?,
+            (None, None) => return Some(Cow::Borrowed(&entry.record)),
+        };
+        if let Ok(parsed) = Doc::parse_changes(&deferred.pending) {
+            let _ = doc.apply_changes(parsed);
+        }
+        let entries = doc.entries();
+        Some(Cow::Owned(JobRecord::parse(entries.iter().map(|(k, v)| (k.as_str(), v.as_str())))))
+    }
+
+    /// Applies a deferred job's held changes and stops deferring it. The caller is about to
+    /// read the job: it is not reported by [`Table::take_changed`].
+    pub fn materialize_job(&mut self, job: &str) {
+        self.materialize(job, false);
+    }
+
+    /// Applies every deferred job's held changes (before reads of the whole table). The jobs
+    /// that moved are reported by [`Table::take_changed`].
+    pub fn materialize_all(&mut self) {
+        for job in std::mem::take(&mut self.deferred_pending) {
+            self.materialize(&job, true);
+        }
+    }
+
+    /// Deferred jobs holding changes not yet applied.
+    pub fn deferred_with_changes(&self) -> impl Iterator<Item = &JobId> {
+        self.deferred_pending.iter()
+    }
+
+    fn materialize(&mut self, job: &str, notify: bool) {
+        let Some(entry) = self.jobs.get_mut(job) else { return };
+        let Some(deferred) = entry.deferred.take() else { return };
+        self.deferred_pending.remove(job);
+        if deferred.pending.is_empty() {
+            return;
+        }
+        let actor = self.actor.clone();
+        // The bytes parsed when they arrived. Should Automerge refuse them now, the document
+        // stays as it was and `after_change` makes the digest follow the document again.
+        if let Ok(parsed) = Doc::parse_changes(&deferred.pending) {
+            if let Ok(doc) = entry.doc_mut(&actor) {
+                let _ = doc.apply_changes(parsed);
+            }
+        }
+        let doc_id = DocId::Job(job.to_string());
+        self.after_change(&doc_id);
+        if !notify {
+            self.changed.remove(&doc_id);
+        }
+    }
+
+    /// Holds `changes` in a deferred job's document. `Some(moved)` when they were taken (or
+    /// all known already); `None` when the job is not deferred or a change depends on
+    /// something the deferral does not know, and the caller applies them the usual way.
+    fn defer_changes(&mut self, job: &str, parsed: &mut [automerge::Change], bytes: &[Vec<u8>]) -> Option<bool> {
+        let entry = self.jobs.get_mut(job)?;
+        let deferred = entry.deferred.as_mut()?;
+        let mut known = deferred.known.clone();
+        let mut heads = deferred.heads.clone();
+        let mut new = Vec::new();
+        for (change, bytes) in parsed.iter_mut().zip(bytes) {
+            let hash = change.hash();
+            if known.contains(&hash) {
+                continue;
+            }
+            // A change is new exactly when its dependencies are known: a child of a head (or
+            // of a held change) cannot already be in the history, or that parent would not be
+            // a head. A change without dependencies could be an old duplicate: apply it.
+            let deps = change.deps();
+            if deps.is_empty() || !deps.iter().all(|d| known.contains(d)) {
+                self.materialize(job, true);
+                return None;
+            }
+            heads.retain(|h| !deps.contains(h));
+            heads.push(hash);
+            known.push(hash);
+            new.push(bytes.clone());
+        }
+        if new.is_empty() {
+            return Some(false);
+        }
+        deferred.known = known;
+        deferred.pending.extend(new);
+        let doc_id = DocId::Job(job.to_string());
+        let old = entry.hash;
+        entry.hash = entry_hash(&doc_id, Some(heads_hash(&heads)));
+        deferred.heads = heads;
+        self.buckets[bucket_of(&doc_id)] ^= old ^ entry.hash;
+        self.unsaved.insert(doc_id);
+        self.deferred_pending.insert(job.to_string());
+        Some(true)
     }
 
     /// The next sync message for `doc_id` in the session `state`, if any. For a document not
@@ -619,6 +793,7 @@ impl Table {
         if let Some(entry) = self.jobs.remove(job) {
             self.buckets[bucket_of(&doc_id)] ^= entry.hash;
         }
+        self.deferred_pending.remove(job);
         self.unsaved.remove(&doc_id);
         self.changed.insert(doc_id);
         if self.tombstones.insert(job.to_string(), now_ms).is_none() {
@@ -653,6 +828,17 @@ impl Table {
             if let Some(bytes) = bytes.filter(|b| !b.is_empty()) {
                 out.push(encode(&PersistRecord::Doc { doc: doc_id.clone(), bytes }));
             }
+            // Changes held by a deferred document, after the ones applied before it was
+            // deferred: raw change bytes load like an incremental save.
+            if let DocId::Job(id) = &doc_id {
+                if let Some(deferred) = self.jobs.get_mut(id).and_then(|e| e.deferred.as_mut()) {
+                    if deferred.persisted < deferred.pending.len() {
+                        let bytes = deferred.pending[deferred.persisted..].concat();
+                        deferred.persisted = deferred.pending.len();
+                        out.push(encode(&PersistRecord::Doc { doc: doc_id.clone(), bytes }));
+                    }
+                }
+            }
             // Other nodes' documents go cold as soon as they are on disk (see
             // `freeze_idle_nodes`): at a 1,000-node boot each node receives 999 of them at once.
             if let DocId::Node(id) = &doc_id {
@@ -671,6 +857,7 @@ impl Table {
 
     /// The whole table, compactly: loading it alone restores this state.
     pub fn snapshot(&mut self) -> Vec<u8> {
+        self.materialize_all();
         let mut records = Vec::new();
         for (id, e) in &mut self.nodes {
             records.push(PersistRecord::Doc { doc: DocId::Node(id.clone()), bytes: e.save() });
@@ -690,7 +877,8 @@ impl Table {
     /// it copies every document, so it is slow).
     pub fn measure_snapshot_len(&self) -> usize {
         fn len<R>(e: &Entry<R>) -> usize {
-            match (&e.doc, &e.cold) {
+            let held = e.deferred.as_ref().map_or(0, |d| d.pending.iter().map(Vec::len).sum());
+            held + match (&e.doc, &e.cold) {
                 (Some(doc), _) => doc.save_copy_len(),
                 (None, Some(bytes)) => bytes.len(),
                 (None, None) => 0,

@@ -33,6 +33,10 @@ pub struct Timing {
     pub anti_entropy_ms: u64,
     /// How often finished jobs are checked for compaction.
     pub compaction_ms: u64,
+    /// How often jobs this node has no part in (deferred: their changes held, not applied)
+    /// are brought up to date, so their statuses, the allocations they imply and their
+    /// compaction lag by at most this much. The longer, the more changes one batch applies.
+    pub deferred_sweep_ms: u64,
     /// Upper bound of the local-health multiplier (Lifeguard): a node that misses many
     /// answers blames itself first and stretches its timeouts up to (1 + this) times.
     pub max_local_health: u32,
@@ -51,6 +55,7 @@ impl Default for Timing {
             max_claim_rank: 16,
             anti_entropy_ms: 1_000,
             compaction_ms: 1_000,
+            deferred_sweep_ms: 5_000,
             max_local_health: 8,
         }
     }

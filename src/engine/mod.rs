@@ -223,6 +223,7 @@ pub struct Engine {
     sync_idle_rounds: BTreeMap<(NodeId, DocId), u32>,
     next_anti_entropy_ms: u64,
     next_compaction_ms: u64,
+    next_sweep_ms: u64,
     persisted_since_snapshot: usize,
     last_snapshot_len: usize,
     sends: Vec<(NodeId, Message)>,
@@ -288,6 +289,7 @@ impl Engine {
             sync_idle_rounds: BTreeMap::new(),
             next_anti_entropy_ms: now_ms,
             next_compaction_ms: now_ms + config.timing.compaction_ms,
+            next_sweep_ms: now_ms + config.timing.deferred_sweep_ms,
             persisted_since_snapshot: 0,
             last_snapshot_len: 0,
             sends: Vec::new(),
@@ -425,7 +427,11 @@ impl Engine {
 
     /// When `handle_timeout` should next be called.
     pub fn poll_timeout(&self) -> u64 {
-        let mut t = self.next_anti_entropy_ms.min(self.next_compaction_ms).min(self.swim.next_deadline_ms());
+        let mut t = self
+            .next_anti_entropy_ms
+            .min(self.next_compaction_ms)
+            .min(self.next_sweep_ms)
+            .min(self.swim.next_deadline_ms());
         if let Some(at) = self.next_eager_ms {
             t = t.min(at);
         }
@@ -555,6 +561,11 @@ impl Engine {
             if let Some(peer) = self.random_peer() {
                 self.sends.push((peer, Message::Digest { buckets: self.table.bucket_hashes().to_vec() }));
             }
+        }
+        if now_ms >= self.next_sweep_ms {
+            self.next_sweep_ms = now_ms + self.config.timing.deferred_sweep_ms;
+            let deferred: Vec<JobId> = self.table.deferred_with_changes().cloned().collect();
+            self.dirty.extend(deferred);
         }
         if now_ms >= self.next_compaction_ms {
             self.next_compaction_ms = now_ms + self.config.timing.compaction_ms;
@@ -881,6 +892,7 @@ impl Engine {
     // ---------------------------------------------------------------- placement
 
     fn evaluate_job(&mut self, now_ms: u64, job: &str) {
+        self.table.materialize_job(job);
         let Some(record) = self.table.job(job) else {
             self.forget_local(job);
             return;
@@ -900,6 +912,19 @@ impl Engine {
         for view in &views {
             self.act_on_instance(now_ms, job, &spec, view, stopped, header.submitted_at_ms);
         }
+        // A job this node has no part in is deferred: its changes are held, not applied, until
+        // one of the moments this node could act on it (a back-off timer, a change of state of
+        // a node that claimed or ran it, the once-a-compaction-interval sweep, a sync round).
+        // On each change this evaluation would only have confirmed that there is nothing to
+        // do; at 1,000 nodes applying and re-evaluating every job's every change on every node
+        // was most of the simulator's time.
+        if !self.has_local_work(job) && !self.has_claim(job) {
+            self.table.defer_job(job);
+        }
+    }
+
+    fn has_claim(&self, job: &str) -> bool {
+        self.claims.range((job.to_string(), 0)..=(job.to_string(), u32::MAX)).next().is_some()
     }
 
     fn update_cache(

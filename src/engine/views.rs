@@ -104,7 +104,8 @@ impl Engine {
 
     /// A job as JSON, if held.
     pub fn job_json(&self, id: &str) -> Option<JobJson> {
-        let record = self.table.job(id)?;
+        let record = self.table.job_current(id)?;
+        let record = &*record;
         let header = record.header.as_ref()?;
         let spec = &header.spec;
         let state = |n: &str| self.node_states.get(n).copied().unwrap_or(NodeState::Alive);
@@ -193,7 +194,8 @@ impl Engine {
     /// The node whose logs tell instance `index`'s story: the owner (the winner, or the node
     /// that finished it) when it ran it, else the node of the latest run that was not lost.
     pub fn runner_of(&self, job: &str, index: u32) -> Option<String> {
-        let record = self.table.job(job)?;
+        let record = self.table.job_current(job)?;
+        let record = &*record;
         let header = record.header.as_ref()?;
         let state = |n: &str| self.node_states.get(n).copied().unwrap_or(NodeState::Alive);
         let view = evaluate_instance(job, record, &header.spec, index, &state);
