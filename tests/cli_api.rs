@@ -576,3 +576,59 @@ fn three_agents_share_jobs_and_keep_them_across_kill_9() {
     let (status, job) = agents[1].get(&format!("/v1/jobs/{id}"));
     assert_eq!(status, 200, "{job}");
 }
+
+/// An agent restarted alone on the data dir of a bigger cluster (its peers are gone, their
+/// instances were running, some jobs finished) takes the work over and runs new jobs: the
+/// stale peers are certified dead and their running instances run again here.
+#[test]
+fn an_agent_restarted_alone_on_an_old_data_dir_runs_new_and_orphaned_work() {
+    let scratch = TempDir::new().expect("temp dir");
+    let a = Agent::start("alpha", scratch.path(), &[], None);
+    let seed = a.listen_addr();
+    let b = Agent::start("bravo", scratch.path(), &["--seed", &seed], None);
+    let c = Agent::start("charlie", scratch.path(), &["--seed", &seed], None);
+    let mut agents = [a, b, c];
+    for agent in &agents {
+        wait_for(&format!("{} to see three live nodes", agent.name), DEADLINE, || {
+            let (status, nodes) = agent.get("/v1/nodes");
+            let nodes = nodes.as_array().cloned().unwrap_or_default();
+            (status == 200 && nodes.len() == 3 && nodes.iter().all(|n| n["state"] == "alive")).then_some(())
+        });
+    }
+    // Finished jobs, submitted through every agent.
+    let mut finished = Vec::new();
+    for agent in &agents {
+        finished.push(job_id(&ok(agent.cli(&["job", "run", "--count", "2", "--wait", "--", "true"]))));
+    }
+    // A service with an instance per node, each holding a third of a node's CPU.
+    let service =
+        job_id(&ok(agents[0].cli(&["job", "run", "--service", "--count", "3", "--cpu", "100", "--", "sleep", "600"])));
+    wait_for("the service to run three instances", DEADLINE, || {
+        let job = job_json(&agents[0], &service);
+        let running = job["instances"].as_array()?.iter().filter(|i| i["status"] == "running").count();
+        (running == 3).then_some(())
+    });
+    for agent in &mut agents {
+        agent.kill9();
+    }
+    agents[0].restart();
+    // New work runs on the lone survivor.
+    let fresh = job_id(&ok(agents[0].cli(&["job", "run", "--wait", "--", "echo", "alone"])));
+    assert_eq!(wait_terminal(&agents[0], &fresh)["status"], "succeeded");
+    // The peers are certified dead; every instance of the service runs here again.
+    wait_for("alpha to certify bravo and charlie dead", DEADLINE, || {
+        let (_, nodes) = agents[0].get("/v1/nodes");
+        nodes.as_array()?.iter().all(|n| n["name"] == "alpha" || n["state"] == "dead").then_some(())
+    });
+    wait_for("alpha to run all three service instances", DEADLINE, || {
+        let job = job_json(&agents[0], &service);
+        let instances = job["instances"].as_array()?;
+        instances
+            .iter()
+            .all(|i| i["status"] == "running" && i["node"] == "alpha")
+            .then_some(())
+    });
+    for id in &finished {
+        assert_eq!(job_json(&agents[0], id)["status"], "succeeded", "{id}");
+    }
+}

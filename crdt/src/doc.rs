@@ -35,6 +35,10 @@ pub(crate) struct Doc {
     // Boxed: an AutoCommit is 4 KiB inline, and tables hold documents in BTreeMap nodes of
     // eleven entries, so cold entries would pay for it too (45 KiB per map node).
     am: Box<AutoCommit>,
+    /// The heads at the last save or incremental save: what is on disk already. Kept here
+    /// rather than in Automerge's own cursor so a caller that persisted changes itself (raw
+    /// bytes) can move it without encoding them again ([`Doc::mark_saved`]).
+    saved: Vec<ChangeHash>,
 }
 
 impl std::fmt::Debug for Doc {
@@ -45,20 +49,21 @@ impl std::fmt::Debug for Doc {
 
 impl Doc {
     pub fn new(actor: &ActorId) -> Doc {
-        Doc { am: Box::new(AutoCommit::new().with_actor(actor.clone())) }
+        Doc { am: Box::new(AutoCommit::new().with_actor(actor.clone())), saved: Vec::new() }
     }
 
     /// Loads a document saved with [`Doc::save`], writing as `actor` from now on.
     pub fn load(bytes: &[u8], actor: &ActorId) -> Result<Doc, DocError> {
         let mut am = AutoCommit::load(bytes).map_err(|e| DocError::Malformed(e.to_string()))?.with_actor(actor.clone());
-        // Move the incremental-save point to what was loaded: it is already on disk.
-        let _ = am.save_incremental();
-        Ok(Doc { am: Box::new(am) })
+        // The incremental-save point is what was loaded: it is already on disk. (Moving
+        // Automerge's own cursor would encode the whole history once more.)
+        let saved = am.get_heads();
+        Ok(Doc { am: Box::new(am), saved })
     }
 
     /// A copy to read from (and write to as `actor`), leaving this one untouched.
     pub fn copy(&self, actor: &ActorId) -> Doc {
-        Doc { am: Box::new(self.am.as_ref().clone().with_actor(actor.clone())) }
+        Doc { am: Box::new(self.am.as_ref().clone().with_actor(actor.clone())), saved: self.saved.clone() }
     }
 
     /// Whether changes wait inside Automerge for dependencies not received yet.
@@ -184,7 +189,9 @@ impl Doc {
     }
 
     pub fn save(&mut self) -> Vec<u8> {
-        self.am.save()
+        let bytes = self.am.save();
+        self.saved = self.am.get_heads();
+        bytes
     }
 
     /// The length of a full save, leaving this document's save point alone.
@@ -194,7 +201,24 @@ impl Doc {
 
     /// The changes since the last `save` or `save_incremental`.
     pub fn save_incremental(&mut self) -> Vec<u8> {
-        self.am.save_incremental()
+        let heads = self.am.get_heads();
+        if heads == self.saved {
+            return Vec::new();
+        }
+        let bytes = self.am.save_after(&self.saved);
+        self.saved = heads;
+        bytes
+    }
+
+    /// Whether everything held is saved (nothing for [`Doc::save_incremental`] to return).
+    pub fn is_saved(&mut self) -> bool {
+        self.am.get_heads() == self.saved
+    }
+
+    /// Records that everything held is on disk, without encoding it: the caller persisted
+    /// the changes applied since the last save itself.
+    pub fn mark_saved(&mut self) {
+        self.saved = self.am.get_heads();
     }
 
     /// Loads bytes from `save`/`save_incremental` into this document.

@@ -51,7 +51,24 @@ struct Entry<R> {
     hash: u64,
     /// Set while the document is deferred (see [`Table::defer_job`]).
     deferred: Option<Box<Deferred>>,
+    /// For a live document loaded from cold bytes and since changed only by applying held
+    /// changes: those bytes followed by the changes (Automerge loads a document chunk
+    /// followed by change chunks). Freezing it again keeps these instead of encoding the
+    /// whole document anew, which was the largest single cost of deferral at 1,000 nodes.
+    log: Option<Log>,
+    /// How many appends the cold bytes carry (see [`MAX_LOG_APPENDS`]).
+    cold_appends: u32,
 }
+
+/// Cold bytes plus appended change chunks; see [`Entry::log`].
+struct Log {
+    bytes: Vec<u8>,
+    appended: u32,
+}
+
+/// After this many appends a freeze encodes the document afresh, so loading a cold
+/// document never replays a long tail of changes.
+const MAX_LOG_APPENDS: u32 = 16;
 
 /// Remote changes to a deferred document: held as bytes, counted in the digest, persisted,
 /// and applied in one batch when the document is next needed.
@@ -77,10 +94,14 @@ impl<R: Default> Entry<R> {
             record: R::default(),
             hash: 0,
             deferred: None,
+            log: None,
+            cold_appends: 0,
         }
     }
 
     fn doc_mut(&mut self, actor: &ActorId) -> Result<&mut Doc, DocError> {
+        // The caller may change the document in any way: the log no longer describes it.
+        self.log = None;
         if self.doc.is_none() {
             let bytes = self.cold.as_deref().unwrap_or_default();
             let doc = Doc::load(bytes, actor)?;
@@ -97,6 +118,12 @@ impl<R: Default> Entry<R> {
             // Heads only (reading every change hash costs as much as applying one): a
             // duplicate of the latest change, the common case, still skips the load.
             self.cold_hashes = doc.heads();
+            if let Some(log) = self.log.take() {
+                self.cold = Some(log.bytes);
+                self.cold_appends = log.appended;
+                return;
+            }
+            self.cold_appends = 0;
             // Automerge's save buffer has kilobytes of spare capacity; a cold document is
             // kept for long, so keep only its bytes.
             let mut bytes = doc.save();
@@ -633,6 +660,11 @@ impl Table {
         }
     }
 
+    /// Whether `job` is deferred and holds changes not yet applied.
+    pub fn holds_changes(&self, job: &str) -> bool {
+        self.deferred_pending.contains(job)
+    }
+
     /// Deferred jobs holding changes not yet applied.
     pub fn deferred_with_changes(&self) -> impl Iterator<Item = &JobId> {
         self.deferred_pending.iter()
@@ -646,12 +678,41 @@ impl Table {
             return;
         }
         let actor = self.actor.clone();
+        let all_persisted = deferred.persisted == deferred.pending.len();
+        // A cold document is loaded here rather than through `doc_mut`, keeping its bytes:
+        // with the held changes appended they describe the result, and freezing it again
+        // costs a copy instead of an encode.
+        let mut log = None;
+        if entry.doc.is_none() {
+            let cold = entry.cold.take().unwrap_or_default();
+            match Doc::load(&cold, &actor) {
+                Ok(doc) => {
+                    entry.doc = Some(doc);
+                    entry.cold_hashes = Vec::new();
+                    log = Some(Log { bytes: cold, appended: entry.cold_appends });
+                }
+                Err(_) => entry.cold = Some(cold),
+            }
+        }
         // The bytes parsed when they arrived. Should Automerge refuse them now, the document
         // stays as it was and `after_change` makes the digest follow the document again.
-        if let Ok(parsed) = Doc::parse_changes(&deferred.pending) {
-            if let Ok(doc) = entry.doc_mut(&actor) {
-                let _ = doc.apply_changes(parsed);
+        if let (Ok(parsed), Some(doc)) = (Doc::parse_changes(&deferred.pending), entry.doc.as_mut()) {
+            let was_saved = doc.is_saved();
+            let applied = doc.apply_changes(parsed).is_ok() && doc.heads_hash() == heads_hash(&deferred.heads);
+            if applied && was_saved && all_persisted {
+                // Held changes are persisted raw as they arrive: do not encode them again.
+                doc.mark_saved();
             }
+            entry.log = match log {
+                Some(mut log) if applied && log.appended < MAX_LOG_APPENDS => {
+                    for bytes in &deferred.pending {
+                        log.bytes.extend_from_slice(bytes);
+                    }
+                    log.appended += 1;
+                    Some(log)
+                }
+                _ => None,
+            };
         }
         let doc_id = DocId::Job(job.to_string());
         self.after_change(&doc_id);

@@ -803,6 +803,12 @@ impl Runtime {
         );
         metric("colony_jobs_compacted_total", "counter", "Finished jobs compacted.", &one(c.jobs_compacted));
         metric(
+            "colony_wakes_left_to_sweep_total",
+            "counter",
+            "Claim back-off timers of deferred jobs left to the periodic sweep.",
+            &one(c.wakes_left_to_sweep),
+        );
+        metric(
             "colony_bad_messages_total",
             "counter",
             "Peer messages that failed to decode or apply.",
