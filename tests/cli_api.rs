@@ -623,10 +623,7 @@ fn an_agent_restarted_alone_on_an_old_data_dir_runs_new_and_orphaned_work() {
     wait_for("alpha to run all three service instances", DEADLINE, || {
         let job = job_json(&agents[0], &service);
         let instances = job["instances"].as_array()?;
-        instances
-            .iter()
-            .all(|i| i["status"] == "running" && i["node"] == "alpha")
-            .then_some(())
+        instances.iter().all(|i| i["status"] == "running" && i["node"] == "alpha").then_some(())
     });
     for id in &finished {
         assert_eq!(job_json(&agents[0], id)["status"], "succeeded", "{id}");

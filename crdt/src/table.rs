@@ -132,6 +132,27 @@ impl<R: Default> Entry<R> {
         }
     }
 
+    /// For a cold document: its bytes and appends, the base of a log (see [`Entry::log`]).
+    fn log_base(&self) -> Option<(Vec<u8>, u32)> {
+        if self.doc.is_some() {
+            return None;
+        }
+        self.cold.clone().map(|c| (c, self.cold_appends))
+    }
+
+    /// After `changes` were applied to the document loaded from `base`: the log, unless
+    /// changes wait inside Automerge (a log must load to exactly this document) or the log is
+    /// long enough that the next freeze should encode afresh.
+    fn append_log(&mut self, mut base: Vec<u8>, appended: u32, changes: &[Vec<u8>]) {
+        let complete = self.doc.as_mut().is_some_and(|d| !d.has_waiting_changes());
+        if complete && appended < MAX_LOG_APPENDS {
+            for change in changes {
+                base.extend_from_slice(change);
+            }
+            self.log = Some(Log { bytes: base, appended: appended + 1 });
+        }
+    }
+
     /// Whether every change is already held by this cold document.
     fn cold_and_known(&self, changes: &mut [automerge::Change]) -> bool {
         self.doc.is_none() && self.cold.is_some() && changes.iter_mut().all(|c| self.cold_hashes.contains(&c.hash()))
@@ -581,8 +602,24 @@ impl Table {
         if known {
             return Ok(false);
         }
+        // A job document that is new here or cold: its bytes followed by these changes
+        // describe the result, so freezing it afterwards need not encode it (see `Entry::log`).
+        let prior = match doc_id {
+            DocId::Job(id) => match self.jobs.get(id) {
+                None => Some((Vec::new(), 0)),
+                Some(e) if e.deferred.as_ref().is_none_or(|d| d.pending.is_empty()) => e.log_base(),
+                Some(_) => None,
+            },
+            DocId::Node(id) => self.nodes.get(id).map_or(Some((Vec::new(), 0)), Entry::log_base),
+        };
         let moved = self.with_remote_doc(doc_id, |doc| doc.apply_changes(parsed))?.unwrap_or(false);
         if moved {
+            if let Some((base, appended)) = prior {
+                match doc_id {
+                    DocId::Job(id) => self.jobs.get_mut(id).map(|e| e.append_log(base, appended, changes)),
+                    DocId::Node(id) => self.nodes.get_mut(id).map(|e| e.append_log(base, appended, changes)),
+                };
+            }
             self.after_change(doc_id);
         }
         Ok(moved)
@@ -802,6 +839,13 @@ impl Table {
         if let Some(entry) = self.jobs.get_mut(job) {
             entry.freeze();
         }
+    }
+
+    /// Bytes held by cold documents (nodes and jobs).
+    pub fn cold_bytes(&self) -> usize {
+        let cold = |c: &Option<Vec<u8>>| c.as_ref().map_or(0, Vec::len);
+        self.nodes.values().map(|e| cold(&e.cold)).sum::<usize>()
+            + self.jobs.values().map(|e| cold(&e.cold)).sum::<usize>()
     }
 
     /// Number of job documents held live (not cold).

@@ -427,6 +427,41 @@ impl Sim {
         self.finish()
     }
 
+    /// Totals over live nodes of what dominates memory: for finding what grows in long runs.
+    fn memory_report(&self) -> String {
+        let mut t = colony::engine::Footprint::default();
+        let (mut disk, mut records) = (0usize, 0usize);
+        for n in &self.nodes {
+            disk += n.disk.snapshot.as_ref().map_or(0, Vec::len) + n.disk.records.iter().map(Vec::len).sum::<usize>();
+            records += n.disk.records.len();
+            if let Some(e) = &n.engine {
+                let f = e.footprint();
+                t.job_documents += f.job_documents;
+                t.live_job_documents += f.live_job_documents;
+                t.cold_bytes += f.cold_bytes;
+                t.tombstones += f.tombstones;
+                t.sync_sessions += f.sync_sessions;
+                t.cached_jobs += f.cached_jobs;
+                t.pending_since += f.pending_since;
+                t.timers += f.timers;
+            }
+        }
+        format!(
+            "disk {} MB in {} records; job docs {} ({} live), cold {} MB; tombstones {}; sync sessions {}; cached jobs {}; pending {}; timers {}; queued events {}",
+            disk >> 20,
+            records,
+            t.job_documents,
+            t.live_job_documents,
+            t.cold_bytes >> 20,
+            t.tombstones,
+            t.sync_sessions,
+            t.cached_jobs,
+            t.pending_since,
+            t.timers,
+            self.events.len()
+        )
+    }
+
     fn run_events(&mut self) {
         let started = std::time::Instant::now();
         let mut last_report = started;
@@ -446,6 +481,7 @@ impl Sim {
                     self.result.task_starts,
                     started.elapsed().as_secs_f64()
                 );
+                eprintln!("seed {}: memory: {}", self.config.seed, self.memory_report());
             }
             let Some(ev) = self.events.remove(&slot) else { continue };
             self.now = at;

@@ -43,7 +43,12 @@ const EAGER_ROUNDS: u32 = 3;
 struct Candidate {
     capacity: Resources,
     labels: BTreeMap<String, String>,
-    drivers: Vec<String>,
+    /// `stable_hash` of each driver name: ranking compares thousands of candidates per
+    /// decision, and string comparisons were most of its cost. A collision could only let a
+    /// node without the driver count as better-ranked (a longer back-off), never claim.
+    drivers: Vec<u64>,
+    /// This node's view of the candidate's allocation (mirrors `Engine::allocated`).
+    allocated: Resources,
 }
 
 /// What durable storage held at start: the snapshot, and the records appended after it.
@@ -169,6 +174,27 @@ struct JobCache {
     finished_at_ms: Option<u64>,
     /// Nodes with a claim or a run in the job: their state decides its winners and status.
     participants: BTreeSet<NodeId>,
+}
+
+/// Sizes of a node's main structures (see [`Engine::footprint`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Footprint {
+    /// Job documents held (live or cold).
+    pub job_documents: usize,
+    /// Job documents held live (not cold).
+    pub live_job_documents: usize,
+    /// Bytes of cold documents.
+    pub cold_bytes: usize,
+    /// Compacted jobs remembered.
+    pub tombstones: usize,
+    /// Open sync sessions.
+    pub sync_sessions: usize,
+    /// Jobs in the evaluation cache.
+    pub cached_jobs: usize,
+    /// Pending instances this node is backing off on.
+    pub pending_since: usize,
+    /// Armed timers.
+    pub timers: usize,
 }
 
 /// Counters for metrics and the simulator's checkers.
@@ -404,6 +430,20 @@ impl Engine {
     /// Tasks this node runs now.
     pub fn running_tasks(&self) -> impl Iterator<Item = (&TaskId, (&str, u32, u32))> {
         self.tasks.iter().map(|(id, t)| (id, (t.job.as_str(), t.index, t.attempt)))
+    }
+
+    /// Sizes of the node's main structures, for the simulator's progress and memory reports.
+    pub fn footprint(&self) -> Footprint {
+        Footprint {
+            job_documents: self.table.job_count(),
+            live_job_documents: self.table.live_job_documents(),
+            cold_bytes: self.table.cold_bytes(),
+            tombstones: self.table.tombstone_count(),
+            sync_sessions: self.sessions.len(),
+            cached_jobs: self.cache.len(),
+            pending_since: self.pending_since.len(),
+            timers: self.timers.len(),
+        }
     }
 
     /// The size a snapshot of the table would have now (for measurements; slow).
@@ -807,8 +847,12 @@ impl Engine {
             && state.unwrap_or(NodeState::Alive) == NodeState::Alive;
         match info {
             Some(info) if eligible => {
-                let candidate =
-                    Candidate { capacity: info.capacity, labels: info.labels.clone(), drivers: info.drivers.clone() };
+                let candidate = Candidate {
+                    capacity: info.capacity,
+                    labels: info.labels.clone(),
+                    drivers: info.drivers.iter().map(|d| colony_crdt::hash::stable_hash(d.as_bytes())).collect(),
+                    allocated: self.allocated.get(id).copied().unwrap_or_default(),
+                };
                 self.candidates.insert(id.clone(), candidate);
             }
             _ => {
@@ -969,13 +1013,14 @@ impl Engine {
             }
         }
         for (node, r) in &old.allocation {
-            if let Some(a) = self.allocated.get_mut(node) {
-                *a = a.minus(*r);
-            }
+            self.release_allocation(node, *r);
         }
         for (node, r) in &allocation {
             let a = self.allocated.entry(node.clone()).or_default();
             *a = a.plus(*r);
+            if let Some(c) = self.candidates.get_mut(node) {
+                c.allocated = *a;
+            }
         }
         self.cache.insert(
             job.to_string(),
@@ -1145,24 +1190,10 @@ impl Engine {
         let mine = score_of(&self.id, self.config.capacity, self.local_allocation());
         let cap = self.config.timing.max_claim_rank;
         let mut better = 0;
-        // Both maps are sorted by node id: walk them together instead of looking each
-        // candidate's allocation up (string comparisons were most of the ranking's cost).
-        let mut allocations = self.allocated.iter().peekable();
+        let driver = colony_crdt::hash::stable_hash(spec.driver.as_bytes());
         for (id, c) in &self.candidates {
-            let mut allocated = Resources::default();
-            while let Some((node, a)) = allocations.peek() {
-                match node.as_str().cmp(id.as_str()) {
-                    std::cmp::Ordering::Less => {
-                        allocations.next();
-                    }
-                    std::cmp::Ordering::Equal => {
-                        allocated = **a;
-                        break;
-                    }
-                    std::cmp::Ordering::Greater => break,
-                }
-            }
-            if !spec.constraints.iter().all(|k| k.matches(&c.labels)) || !c.drivers.iter().any(|d| *d == spec.driver) {
+            let allocated = c.allocated;
+            if !c.drivers.contains(&driver) || !spec.constraints.iter().all(|k| k.matches(&c.labels)) {
                 continue;
             }
             if !c.capacity.minus(allocated).fits(spec.resources) {
@@ -1225,15 +1256,22 @@ impl Engine {
         self.tasks.values().any(|t| t.job == job)
     }
 
+    fn release_allocation(&mut self, node: &str, r: Resources) {
+        if let Some(a) = self.allocated.get_mut(node) {
+            *a = a.minus(r);
+            if let Some(c) = self.candidates.get_mut(node) {
+                c.allocated = *a;
+            }
+        }
+    }
+
     fn forget_local(&mut self, job: &str) {
         self.claims.retain(|(j, _), _| j != job);
         self.pending_since.retain(|(j, _, _), _| j != job);
         self.waiting_for_capacity.remove(job);
         if let Some(old) = self.cache.remove(job) {
             for (node, r) in &old.allocation {
-                if let Some(a) = self.allocated.get_mut(node) {
-                    *a = a.minus(*r);
-                }
+                self.release_allocation(node, *r);
             }
         }
         let tasks: Vec<TaskId> = self.tasks.iter().filter(|(_, t)| t.job == job).map(|(id, _)| id.clone()).collect();
