@@ -284,6 +284,11 @@ impl Engine {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let boot: u64 = rng.gen();
         let actor: [u8; 16] = rng.gen();
+        // Each node sweeps at its own phase: nodes that boot together would otherwise all
+        // bring the same deferred jobs up to date at the same instant, and where an instance
+        // was past every node's back-off, all of them claimed it at once (N claims, each
+        // pushed to N peers: a 1,000-node simulation stalled on it).
+        let sweep_phase = rng.gen_range(0..config.timing.deferred_sweep_ms.max(1));
         let mut table = Table::new(id.clone(), actor);
         if let Some((snapshot, records)) = restored {
             table.restore(snapshot, records)?;
@@ -317,7 +322,7 @@ impl Engine {
             sync_idle_rounds: BTreeMap::new(),
             next_anti_entropy_ms: now_ms,
             next_compaction_ms: now_ms + config.timing.compaction_ms,
-            next_sweep_ms: now_ms + config.timing.deferred_sweep_ms,
+            next_sweep_ms: now_ms + sweep_phase + 1,
             persisted_since_snapshot: 0,
             last_snapshot_len: 0,
             sends: Vec::new(),
@@ -623,7 +628,9 @@ impl Engine {
                 // up to date to find that out was most of a 1,000-node simulation's time (every
                 // node wakes once per job). The sweep evaluates it within
                 // `deferred_sweep_ms`, which bounds the delay when the change was another.
-                if self.table.holds_changes(&job) && !self.has_claim(&job) && !self.has_local_work(&job) {
+                // Only for a single instance: with more, the change may concern another one.
+                let single = self.cache.get(&job).is_some_and(|c| c.instances.len() == 1);
+                if single && self.table.holds_changes(&job) && !self.has_claim(&job) && !self.has_local_work(&job) {
                     self.counters.wakes_left_to_sweep += 1;
                     continue;
                 }
