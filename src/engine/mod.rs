@@ -980,7 +980,12 @@ impl Engine {
         // On each change this evaluation would only have confirmed that there is nothing to
         // do; at 1,000 nodes applying and re-evaluating every job's every change on every node
         // was most of the simulator's time.
-        if !self.has_local_work(job) && !self.has_claim(job) {
+        //
+        // The node a job was submitted to never defers it: whoever submitted it watches it
+        // there (`job run --wait`, an embedder's event stream), and a deferred job's states
+        // between two sweeps would reach its events as one jump (pending straight to
+        // succeeded). One node per job: no cost at scale.
+        if !self.has_local_work(job) && !self.has_claim(job) && header.submitted_by != self.id {
             self.table.defer_job(job);
         }
     }
