@@ -522,23 +522,30 @@ fn every_command_has_help() {
     assert_eq!(usage.status.code(), Some(2));
 }
 
-#[test]
-fn three_agents_share_jobs_and_keep_them_across_kill_9() {
-    let scratch = TempDir::new().expect("temp dir");
-    let a = Agent::start("alpha", scratch.path(), &[], None);
-    let seed = a.listen_addr();
-    let b = Agent::start("bravo", scratch.path(), &["--seed", &seed], None);
-    let c = Agent::start("charlie", scratch.path(), &["--seed", &seed], None);
-    let mut agents = [a, b, c];
+/// Whether `agent` sees three nodes, all alive.
+fn all_alive(agent: &Agent) -> Option<()> {
+    let (status, nodes) = agent.get("/v1/nodes");
+    let nodes = nodes.as_array().cloned().unwrap_or_default();
+    (status == 200 && nodes.len() == 3 && nodes.iter().all(|n| n["state"] == "alive")).then_some(())
+}
 
-    let all_alive = |agent: &Agent| {
-        let (status, nodes) = agent.get("/v1/nodes");
-        let nodes = nodes.as_array().cloned().unwrap_or_default();
-        (status == 200 && nodes.len() == 3 && nodes.iter().all(|n| n["state"] == "alive")).then_some(())
-    };
+/// Alpha, and bravo and charlie seeded to it, once each sees all three alive.
+fn three_agents(scratch: &Path) -> [Agent; 3] {
+    let a = Agent::start("alpha", scratch, &[], None);
+    let seed = a.listen_addr();
+    let b = Agent::start("bravo", scratch, &["--seed", &seed], None);
+    let c = Agent::start("charlie", scratch, &["--seed", &seed], None);
+    let agents = [a, b, c];
     for agent in &agents {
         wait_for(&format!("{} to see three live nodes", agent.name), DEADLINE, || all_alive(agent));
     }
+    agents
+}
+
+#[test]
+fn three_agents_share_jobs_and_keep_them_across_kill_9() {
+    let scratch = TempDir::new().expect("temp dir");
+    let mut agents = three_agents(scratch.path());
 
     // Submitted on A, run somewhere, visible everywhere.
     let id = job_id(&ok(agents[0].cli(&["job", "run", "--count", "3", "--wait", "--", "sh", "-c", "echo ran-here"])));
@@ -583,18 +590,7 @@ fn three_agents_share_jobs_and_keep_them_across_kill_9() {
 #[test]
 fn an_agent_restarted_alone_on_an_old_data_dir_runs_new_and_orphaned_work() {
     let scratch = TempDir::new().expect("temp dir");
-    let a = Agent::start("alpha", scratch.path(), &[], None);
-    let seed = a.listen_addr();
-    let b = Agent::start("bravo", scratch.path(), &["--seed", &seed], None);
-    let c = Agent::start("charlie", scratch.path(), &["--seed", &seed], None);
-    let mut agents = [a, b, c];
-    for agent in &agents {
-        wait_for(&format!("{} to see three live nodes", agent.name), DEADLINE, || {
-            let (status, nodes) = agent.get("/v1/nodes");
-            let nodes = nodes.as_array().cloned().unwrap_or_default();
-            (status == 200 && nodes.len() == 3 && nodes.iter().all(|n| n["state"] == "alive")).then_some(())
-        });
-    }
+    let mut agents = three_agents(scratch.path());
     // Finished jobs, submitted through every agent.
     let mut finished = Vec::new();
     for agent in &agents {
