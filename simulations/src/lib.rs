@@ -16,7 +16,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashSet};
+use std::sync::Arc;
 
 /// A kind of fault the simulator can inject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -229,16 +230,16 @@ enum Ev {
 #[derive(Default)]
 struct Disk {
     snapshot: Option<Vec<u8>>,
-    records: Vec<Vec<u8>>,
+    records: Vec<Arc<[u8]>>,
     pending: Vec<Output>,
     fsync_scheduled: bool,
 }
 
 impl Disk {
-    fn fsync(&mut self) {
+    fn fsync(&mut self, pool: &mut RecordPool) {
         for op in self.pending.drain(..) {
             match op {
-                Output::Persist(records) => self.records.extend(records),
+                Output::Persist(records) => self.records.extend(records.into_iter().map(|r| pool.intern(r))),
                 Output::Snapshot(bytes) => {
                     self.snapshot = Some(bytes);
                     self.records.clear();
@@ -246,6 +247,32 @@ impl Disk {
                 _ => {}
             }
         }
+    }
+}
+
+/// Persisted records shared by content across the simulated disks. Most records are one
+/// change pushed to every node, persisted alike by each: at 1,000 nodes the disks held a
+/// thousand copies of each, a quarter of the simulator's memory. Sharing the bytes changes
+/// nothing a node sees (records are immutable), only how often the process stores them.
+#[derive(Default)]
+struct RecordPool {
+    records: HashSet<Arc<[u8]>>,
+    purge_at: usize,
+}
+
+impl RecordPool {
+    fn intern(&mut self, bytes: Vec<u8>) -> Arc<[u8]> {
+        if let Some(found) = self.records.get(&bytes[..]) {
+            return Arc::clone(found);
+        }
+        let record: Arc<[u8]> = bytes.into();
+        self.records.insert(Arc::clone(&record));
+        if self.records.len() > self.purge_at {
+            // Forget records no disk holds any more (each node drops its log at a snapshot).
+            self.records.retain(|r| Arc::strong_count(r) > 1);
+            self.purge_at = (self.records.len() * 2).max(1 << 16);
+        }
+        record
     }
 }
 
@@ -309,6 +336,7 @@ pub struct Sim {
     healthy_since: u64,
     deaths_by_node: BTreeMap<usize, u64>,
     result: RunResult,
+    pool: RecordPool,
 }
 
 const DEFAULT_LATENCY_MS: u64 = 1;
@@ -351,6 +379,7 @@ impl Sim {
             healthy_since: 0,
             deaths_by_node: BTreeMap::new(),
             result,
+            pool: RecordPool::default(),
             config,
         }
     }
@@ -381,8 +410,8 @@ impl Sim {
         let config = self.node_config(i);
         let node = &mut self.nodes[i];
         node.boot += 1;
-        let restored =
-            if node.boot == 1 { None } else { Some((node.disk.snapshot.as_deref(), &node.disk.records[..])) };
+        let records: Vec<Vec<u8>> = node.disk.records.iter().map(|r| r.to_vec()).collect();
+        let restored = if node.boot == 1 { None } else { Some((node.disk.snapshot.as_deref(), &records[..])) };
         let engine = Engine::new(node.id.clone(), config, seed, self.now, restored)
             .unwrap_or_else(|e| panic!("node {i} failed to restore its own durable state: {e}"));
         node.engine = Some(engine);
@@ -432,7 +461,8 @@ impl Sim {
         let mut t = colony::engine::Footprint::default();
         let (mut disk, mut records) = (0usize, 0usize);
         for n in &self.nodes {
-            disk += n.disk.snapshot.as_ref().map_or(0, Vec::len) + n.disk.records.iter().map(Vec::len).sum::<usize>();
+            disk +=
+                n.disk.snapshot.as_ref().map_or(0, Vec::len) + n.disk.records.iter().map(|r| r.len()).sum::<usize>();
             records += n.disk.records.len();
             if let Some(e) = &n.engine {
                 let f = e.footprint();
@@ -532,7 +562,7 @@ impl Sim {
                 }
             }
             Ev::Fsync { node } => {
-                self.nodes[node].disk.fsync();
+                self.nodes[node].disk.fsync(&mut self.pool);
                 self.nodes[node].disk.fsync_scheduled = false;
             }
             Ev::Heal => self.heal(),
@@ -612,7 +642,7 @@ impl Sim {
             Ok(id) => {
                 self.drain_outputs(node);
                 // The acknowledgement waits for fsync, as in the daemon.
-                self.nodes[node].disk.fsync();
+                self.nodes[node].disk.fsync(&mut self.pool);
                 self.trace(|| format!("submit job {job} as {id} on n{node}"));
                 self.acked.insert(id.clone(), job);
                 self.job_ids.insert(job, id);
@@ -632,7 +662,7 @@ impl Sim {
         let Some(engine) = self.nodes[node].engine.as_mut() else { return };
         if engine.stop_job(now, &id).is_ok() {
             self.drain_outputs(node);
-            self.nodes[node].disk.fsync();
+            self.nodes[node].disk.fsync(&mut self.pool);
             self.stopped_jobs.insert(id);
         }
     }
