@@ -55,7 +55,7 @@ fn claim_decisions(c: &mut Criterion) {
     let job = job_id(7);
     let alive = |n: &str| if n == "node-dead" { NodeState::Dead } else { NodeState::Alive };
     for claims in 3..=5usize {
-        let mut rec = JobRecord { header: Some(header(7)), ..JobRecord::default() };
+        let mut rec = JobRecord { header: Some(std::sync::Arc::new(header(7))), ..JobRecord::default() };
         for n in 0..claims {
             let node = if n == 0 { "node-dead".to_string() } else { format!("node-{n}") };
             rec.claims.insert((0, node.clone()), claim(0, 100));

@@ -7,7 +7,8 @@
 
 use crate::spec::{JobSpec, Resources};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 /// A node's id: its libp2p peer id, as a string.
 pub type NodeId = String;
@@ -109,8 +110,9 @@ pub struct StopRequest {
 /// Everything the table knows about one job, parsed from its document.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct JobRecord {
-    /// The header; `None` while only other keys have arrived (changes out of order).
-    pub header: Option<JobHeader>,
+    /// The header; `None` while only other keys have arrived (changes out of order). Shared:
+    /// see [`shared_header`].
+    pub header: Option<Arc<JobHeader>>,
     /// Stop requests by node.
     pub stops: BTreeMap<NodeId, StopRequest>,
     /// Claims by (instance, node).
@@ -214,7 +216,7 @@ impl JobRecord {
         for (key, value) in entries {
             let mut parts = key.split('/');
             match parts.next() {
-                Some("spec") => record.header = serde_json::from_str(value).ok(),
+                Some("spec") => record.header = shared_header(value),
                 Some("stop") => {
                     if let (Some(node), Ok(stop)) = (parts.next(), serde_json::from_str(value)) {
                         record.stops.insert(node.to_string(), stop);
@@ -240,6 +242,37 @@ impl JobRecord {
         }
         record
     }
+}
+
+/// The parsed header for a `spec` value, shared with every other record parsed from the same
+/// text in this process.
+///
+/// A header is immutable once written, and every node parses the same text into the same
+/// value; only the number of copies differs. Each node of a 1,000-node simulation held its
+/// own parsed copy of every job's spec (a dozen allocations, and the largest part of a
+/// record); so would an embedder running several node cores. Sharing by text is a pure
+/// cache: the result is equal to a fresh parse, so no output depends on whether it hit.
+fn shared_header(json: &str) -> Option<Arc<JobHeader>> {
+    #[derive(Default)]
+    struct Headers {
+        by_text: HashMap<Box<str>, Weak<JobHeader>>,
+        purge_at: usize,
+    }
+    static HEADERS: OnceLock<Mutex<Headers>> = OnceLock::new();
+    let parse = || serde_json::from_str::<JobHeader>(json).ok().map(Arc::new);
+    // A poisoned lock (a panic elsewhere while holding it) only loses the sharing.
+    let Ok(mut headers) = HEADERS.get_or_init(Mutex::default).lock() else { return parse() };
+    if let Some(shared) = headers.by_text.get(json).and_then(Weak::upgrade) {
+        return Some(shared);
+    }
+    let header = parse()?;
+    headers.by_text.insert(json.into(), Arc::downgrade(&header));
+    if headers.by_text.len() > headers.purge_at {
+        // Forget headers no record holds any more (jobs compacted away everywhere).
+        headers.by_text.retain(|_, h| h.strong_count() > 0);
+        headers.purge_at = (headers.by_text.len() * 2).max(1024);
+    }
+    Some(header)
 }
 
 impl NodeRecord {

@@ -615,7 +615,21 @@ impl Table {
             },
             DocId::Node(id) => self.nodes.get(id).map_or(Some((Vec::new(), 0)), Entry::log_base),
         };
-        let moved = self.with_remote_doc(doc_id, |doc| doc.apply_changes(parsed))?.unwrap_or(false);
+        // A document loaded from bytes `prior` holds (or new) needs no protective copy: on
+        // failure it is rebuilt from them.
+        let result = match prior {
+            Some(_) => self.with_remote_doc(doc_id, |doc| doc.apply_changes_or_drop(parsed)),
+            None => self.with_remote_doc(doc_id, |doc| doc.apply_changes(parsed)),
+        };
+        let moved = match result {
+            Ok(moved) => moved.unwrap_or(false),
+            Err(e) => {
+                if let Some((base, _)) = &prior {
+                    self.rebuild_after_failed_apply(doc_id, base);
+                }
+                return Err(e);
+            }
+        };
         if moved {
             if let Some((base, appended)) = prior {
                 match doc_id {
@@ -626,6 +640,30 @@ impl Table {
             self.after_change(doc_id);
         }
         Ok(moved)
+    }
+
+    /// After an unguarded apply failed on a document loaded from `base`: back to `base`
+    /// (or gone, if it was new here).
+    fn rebuild_after_failed_apply(&mut self, doc_id: &DocId, base: &[u8]) {
+        let actor = self.actor.clone();
+        match doc_id {
+            DocId::Node(id) if base.is_empty() => {
+                self.nodes.remove(id);
+            }
+            DocId::Job(id) if base.is_empty() => {
+                self.jobs.remove(id);
+            }
+            DocId::Node(id) => {
+                if let Some(e) = self.nodes.get_mut(id) {
+                    e.doc = Doc::load(base, &actor).ok();
+                }
+            }
+            DocId::Job(id) => {
+                if let Some(e) = self.jobs.get_mut(id) {
+                    e.doc = Doc::load(base, &actor).ok();
+                }
+            }
+        }
     }
 
     // ---- deferred documents ----
@@ -722,7 +760,7 @@ impl Table {
         // A cold document is loaded here rather than through `doc_mut`, keeping its bytes:
         // with the held changes appended they describe the result, and freezing it again
         // costs a copy instead of an encode.
-        let mut log = None;
+        let mut log: Option<Log> = None;
         if entry.doc.is_none() {
             let cold = entry.cold.take().unwrap_or_default();
             match Doc::load(&cold, &actor) {
@@ -738,7 +776,17 @@ impl Table {
         // stays as it was and `after_change` makes the digest follow the document again.
         if let (Ok(parsed), Some(doc)) = (Doc::parse_changes(&deferred.pending), entry.doc.as_mut()) {
             let was_saved = doc.is_saved();
-            let applied = doc.apply_changes(parsed).is_ok() && doc.heads_hash() == heads_hash(&deferred.heads);
+            // Just loaded from the bytes `log` holds: no protective copy (rebuilt on failure).
+            let outcome = match &log {
+                Some(_) => doc.apply_changes_or_drop(parsed),
+                None => doc.apply_changes(parsed),
+            };
+            if let (Err(_), Some(l)) = (&outcome, &log) {
+                if let Ok(rebuilt) = Doc::load(&l.bytes, &actor) {
+                    *doc = rebuilt;
+                }
+            }
+            let applied = outcome.is_ok() && doc.heads_hash() == heads_hash(&deferred.heads);
             if applied && was_saved && all_persisted {
                 // Held changes are persisted raw as they arrive: do not encode them again.
                 doc.mark_saved();

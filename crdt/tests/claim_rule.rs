@@ -34,7 +34,11 @@ fn service(delay_ms: u64) -> JobSpec {
 
 fn record(spec: &JobSpec) -> JobRecord {
     JobRecord {
-        header: Some(JobHeader { spec: spec.clone(), submitted_by: "submitter".into(), submitted_at_ms: 10 }),
+        header: Some(std::sync::Arc::new(JobHeader {
+            spec: spec.clone(),
+            submitted_by: "submitter".into(),
+            submitted_at_ms: 10,
+        })),
         ..JobRecord::default()
     }
 }

@@ -917,6 +917,33 @@ fn a_change_with_a_forged_seq_is_an_error_not_a_panic() {
     assert!(peer.apply_changes(&doc, &[change]).unwrap(), "and the table still works");
 }
 
+/// The forged change again, on a cold document: those are brought up to date without the
+/// protective copy (rebuilt from their bytes on failure), so a refusal must leave the
+/// document exactly as it was, and working.
+#[test]
+fn a_forged_change_to_a_cold_document_leaves_it_as_it_was() {
+    let mut t = new_table(0);
+    t.create_job(&job_id(0), &header(1, "node-0"));
+    t.write_claim(&job_id(0), 0, &Claim { attempt: 0, boot: 1, at_ms: 2 });
+    let out = t.take_outbox();
+    let doc = DocId::Job(job_id(0));
+    let (first, second) = (out[0].1.clone(), out[1].1.clone());
+    let mut peer = new_table(1);
+    assert!(peer.apply_changes(&doc, std::slice::from_ref(&first)).unwrap());
+    peer.take_persist_records();
+    peer.freeze_job(&job_id(0));
+    let before = peer.digest();
+    let at = seq_offset(&second);
+    assert_eq!(second[at], 2, "the claim is the actor's second change");
+    let mut forged = second.clone();
+    forged[at] = 5;
+    assert!(peer.apply_changes(&doc, &[forged]).is_err(), "a change with a forged seq must be refused");
+    assert_eq!(peer.digest(), before, "the refused change left the document as it was");
+    assert!(peer.job(&job_id(0)).unwrap().claims.is_empty());
+    assert!(peer.apply_changes(&doc, &[second]).unwrap(), "and the document still takes the real change");
+    assert_eq!(peer.job(&job_id(0)).unwrap().claims.len(), 1);
+}
+
 /// The same bug, swept: every single-byte change (8 bit flips and 0xff) of a real change, on
 /// its own and on top of the change it depends on, must be an error or a valid change.
 #[test]

@@ -960,19 +960,19 @@ impl Engine {
             return;
         };
         let Some(header) = record.header.clone() else { return };
-        let spec = header.spec;
+        let spec = &header.spec;
         let states = &self.node_states;
         let state = |n: &str| states.get(n).copied().unwrap_or(NodeState::Alive);
         let views: Vec<InstanceView> =
-            (0..spec.count).map(|i| evaluate_instance(job, record, &spec, i, &state)).collect();
+            (0..spec.count).map(|i| evaluate_instance(job, record, spec, i, &state)).collect();
         let stopped = !record.stops.is_empty();
         let status = rules::job_status(stopped, &views);
         let finished_at_ms = status.is_terminal().then(|| rules::finished_at_ms(record));
         let participants: BTreeSet<NodeId> =
             record.claims.keys().map(|(_, n)| n).chain(record.runs.keys().map(|(_, _, n)| n)).cloned().collect();
-        self.update_cache(job, &spec, status, &views, finished_at_ms, participants);
+        self.update_cache(job, spec, status, &views, finished_at_ms, participants);
         for view in &views {
-            self.act_on_instance(now_ms, job, &spec, view, stopped, header.submitted_at_ms);
+            self.act_on_instance(now_ms, job, spec, view, stopped, header.submitted_at_ms);
         }
         // A job this node has no part in is deferred: its changes are held, not applied, until
         // one of the moments this node could act on it (a back-off timer, a change of state of
