@@ -232,7 +232,7 @@ pub struct Engine {
     peers: BTreeSet<NodeId>,
     claims: BTreeMap<(JobId, u32), MyClaim>,
     tasks: BTreeMap<TaskId, LocalTask>,
-    pending_since: BTreeMap<(JobId, u32, u32), u64>,
+    pending_since: BTreeMap<(JobId, u32, u32), (u64, u32)>,
     timers: BTreeSet<(u64, JobId)>,
     dirty: BTreeSet<JobId>,
     waiting_for_capacity: BTreeSet<JobId>,
@@ -970,9 +970,17 @@ impl Engine {
         let finished_at_ms = status.is_terminal().then(|| rules::finished_at_ms(record));
         let participants: BTreeSet<NodeId> =
             record.claims.keys().map(|(_, n)| n).chain(record.runs.keys().map(|(_, _, n)| n)).cloned().collect();
+        // Claims written on each instance's current attempt, valid or not (see `try_claim`).
+        let claimants: Vec<u32> = views
+            .iter()
+            .map(|v| {
+                let claims = record.claims.range((v.index, String::new())..).take_while(|((i, _), _)| *i == v.index);
+                claims.filter(|(_, c)| c.attempt == v.attempt).count() as u32
+            })
+            .collect();
         self.update_cache(job, spec, status, &views, finished_at_ms, participants);
-        for view in &views {
-            self.act_on_instance(now_ms, job, spec, view, stopped, header.submitted_at_ms);
+        for (view, claimants) in views.iter().zip(claimants) {
+            self.act_on_instance(now_ms, job, &header, view, stopped, claimants);
         }
         // A job this node has no part in is deferred: its changes are held, not applied, until
         // one of the moments this node could act on it (a back-off timer, a change of state of
@@ -1051,11 +1059,12 @@ impl Engine {
         &mut self,
         now_ms: u64,
         job: &str,
-        spec: &JobSpec,
+        header: &JobHeader,
         view: &InstanceView,
         stopped: bool,
-        submitted_at_ms: u64,
+        claimants: u32,
     ) {
+        let (spec, submitted_at_ms) = (&header.spec, header.submitted_at_ms);
         let key = (job.to_string(), view.index);
         let my_task: Option<TaskId> = self
             .tasks
@@ -1123,7 +1132,7 @@ impl Engine {
                     self.claims.remove(&key);
                     self.release_capacity();
                 }
-                self.try_claim(now_ms, job, spec, view, submitted_at_ms);
+                self.try_claim(now_ms, job, spec, view, submitted_at_ms, claimants);
             }
             _ => {}
         }
@@ -1140,7 +1149,15 @@ impl Engine {
         self.config.timing.claim_stagger_ms.max(self.swim.rtt_bound_ms())
     }
 
-    fn try_claim(&mut self, now_ms: u64, job: &str, spec: &JobSpec, view: &InstanceView, submitted_at_ms: u64) {
+    fn try_claim(
+        &mut self,
+        now_ms: u64,
+        job: &str,
+        spec: &JobSpec,
+        view: &InstanceView,
+        submitted_at_ms: u64,
+        claimants: u32,
+    ) {
         if self.mode != NodeMode::Active {
             return;
         }
@@ -1160,13 +1177,27 @@ impl Engine {
             return;
         }
         let position = self.rank_position(job, spec, view);
-        let first_seen = *self.pending_since.entry((job.to_string(), view.index, view.attempt)).or_insert(now_ms);
+        // When we first saw the instance pending with this many claims on its attempt: a claim
+        // that stops counting (its node certified dead, or withdrawn) makes it pending anew.
+        let seen = self.pending_since.entry((job.to_string(), view.index, view.attempt)).or_insert((now_ms, claimants));
+        if seen.1 != claimants {
+            *seen = (now_ms, claimants);
+        }
+        let first_seen = seen.0;
         // The back-off counts from a moment every node agrees on where there is one (the
         // submission, or the end of a restart delay), so a node that hears of the job late
         // does not claim at the same moment as a worse-ranked node that heard early. A clock
         // ahead of ours cannot push the moment past when we first saw it.
+        //
+        // Not for an instance pending again after its claim stopped counting: counted from
+        // the submission, every node's back-off had long run out, and every node claimed the
+        // moment it learnt of the death (57 of 200 simulated nodes claimed one instance in
+        // one virtual millisecond, and the claims' fan-out stalled the run for minutes).
+        // Nodes learn of a death at about the same time: counting from then, the ranks space
+        // their claims again.
         let shared = if view.not_before_ms > 0 { view.not_before_ms } else { submitted_at_ms };
-        let since = if view.attempt == 0 || view.not_before_ms > 0 { shared.min(first_seen) } else { first_seen };
+        let fresh = view.attempt == 0 || view.not_before_ms > 0;
+        let since = if fresh && claimants == 0 { shared.min(first_seen) } else { first_seen };
         let stagger = self.effective_stagger_ms();
         // A node that is not first in line also waits one stagger after it first heard of the
         // job, so a better node's claim that is still in flight (a busy or late peer) can
