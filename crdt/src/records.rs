@@ -111,7 +111,7 @@ pub struct StopRequest {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct JobRecord {
     /// The header; `None` while only other keys have arrived (changes out of order). Shared:
-    /// see [`shared_header`].
+    /// parsed once per process (`shared_header`).
     pub header: Option<Arc<JobHeader>>,
     /// Stop requests by node.
     pub stops: BTreeMap<NodeId, StopRequest>,
