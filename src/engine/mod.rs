@@ -237,6 +237,9 @@ pub struct Engine {
     dirty: BTreeSet<JobId>,
     waiting_for_capacity: BTreeSet<JobId>,
     cache: BTreeMap<JobId, JobCache>,
+    /// The jobs each node has a claim or a run in (the inverse of `JobCache::participants`):
+    /// a node's change of state re-evaluates exactly these, without scanning every job.
+    participating: BTreeMap<NodeId, BTreeSet<JobId>>,
     allocated: BTreeMap<NodeId, Resources>,
     node_states: BTreeMap<NodeId, NodeState>,
     /// Peers that may win placements (not this node).
@@ -310,6 +313,7 @@ impl Engine {
             dirty: BTreeSet::new(),
             waiting_for_capacity: BTreeSet::new(),
             cache: BTreeMap::new(),
+            participating: BTreeMap::new(),
             allocated: BTreeMap::new(),
             node_states: BTreeMap::new(),
             candidates: BTreeMap::new(),
@@ -824,13 +828,11 @@ impl Engine {
             // are pending, this node's claim back-off timer ranks afresh when it fires.
             // (Re-evaluating every open job on every state change was O(jobs) per message:
             // a partition of a 1,000-node simulation stalled on it.)
-            let affected: Vec<JobId> = self
-                .cache
-                .iter()
-                .filter(|(_, c)| c.status.is_none() || state_changed.iter().any(|n| c.participants.contains(*n)))
-                .map(|(id, _)| id.clone())
-                .collect();
-            self.dirty.extend(affected);
+            for node in state_changed {
+                if let Some(jobs) = self.participating.get(node) {
+                    self.dirty.extend(jobs.iter().cloned());
+                }
+            }
         }
         if about_me {
             self.refute_if_needed(false);
@@ -1035,6 +1037,7 @@ impl Engine {
         for (node, r) in &old.allocation {
             self.release_allocation(node, *r);
         }
+        self.index_participants(job, &old.participants, &participants);
         for (node, r) in &allocation {
             let a = self.allocated.entry(node.clone()).or_default();
             *a = a.plus(*r);
@@ -1308,14 +1311,41 @@ impl Engine {
         }
     }
 
+    /// Moves `job` in the `participating` index from the nodes `old` to the nodes `new`.
+    fn index_participants(&mut self, job: &str, old: &BTreeSet<NodeId>, new: &BTreeSet<NodeId>) {
+        for node in old.difference(new) {
+            if let Some(jobs) = self.participating.get_mut(node) {
+                jobs.remove(job);
+                if jobs.is_empty() {
+                    self.participating.remove(node);
+                }
+            }
+        }
+        for node in new.difference(old) {
+            self.participating.entry(node.clone()).or_default().insert(job.to_string());
+        }
+    }
+
     fn forget_local(&mut self, job: &str) {
-        self.claims.retain(|(j, _), _| j != job);
-        self.pending_since.retain(|(j, _, _), _| j != job);
+        let claims: Vec<(JobId, u32)> =
+            self.claims.range((job.to_string(), 0)..=(job.to_string(), u32::MAX)).map(|(k, _)| k.clone()).collect();
+        for key in claims {
+            self.claims.remove(&key);
+        }
+        let pending: Vec<(JobId, u32, u32)> = self
+            .pending_since
+            .range((job.to_string(), 0, 0)..=(job.to_string(), u32::MAX, u32::MAX))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in pending {
+            self.pending_since.remove(&key);
+        }
         self.waiting_for_capacity.remove(job);
         if let Some(old) = self.cache.remove(job) {
             for (node, r) in &old.allocation {
                 self.release_allocation(node, *r);
             }
+            self.index_participants(job, &old.participants, &BTreeSet::new());
         }
         let tasks: Vec<TaskId> = self.tasks.iter().filter(|(_, t)| t.job == job).map(|(id, _)| id.clone()).collect();
         for task in tasks {
