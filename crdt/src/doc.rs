@@ -5,6 +5,7 @@ use crate::hash::stable_hash;
 use automerge::sync::SyncDoc;
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, AutoCommit, Change, ChangeHash, ReadDoc, ScalarValueRef, ValueRef, ROOT};
+use std::collections::BTreeSet;
 
 /// Errors from Automerge on remote input. The document is unchanged when one is returned.
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +49,25 @@ pub(crate) struct Doc {
     /// rather than in Automerge's own cursor so a caller that persisted changes itself (raw
     /// bytes) can move it without encoding them again ([`Doc::mark_saved`]).
     saved: Vec<ChangeHash>,
+    /// Changes received before their dependencies, applied once those arrive (see
+    /// [`Doc::apply_changes`]).
+    waiting: Vec<(ChangeHash, Change)>,
 }
+
+/// What a batch of changes does to a document (see [`Doc::ready`]).
+#[derive(Default)]
+struct Ready {
+    /// Changes to apply now.
+    apply: Vec<Change>,
+    /// Waiting changes among them.
+    unlocked: BTreeSet<ChangeHash>,
+    /// New changes that must wait.
+    wait: Vec<(ChangeHash, Change)>,
+}
+
+/// Changes a document holds for missing dependencies, at most. Past it the oldest are
+/// dropped: anti-entropy brings them again with their dependencies.
+const MAX_WAITING: usize = 1024;
 
 impl std::fmt::Debug for Doc {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -58,7 +77,7 @@ impl std::fmt::Debug for Doc {
 
 impl Doc {
     pub fn new(actor: &ActorId) -> Doc {
-        Doc { am: Box::new(AutoCommit::new().with_actor(actor.clone())), saved: Vec::new() }
+        Doc { am: Box::new(AutoCommit::new().with_actor(actor.clone())), saved: Vec::new(), waiting: Vec::new() }
     }
 
     /// Loads a document saved with [`Doc::save`], writing as `actor` from now on.
@@ -67,17 +86,21 @@ impl Doc {
         // The incremental-save point is what was loaded: it is already on disk. (Moving
         // Automerge's own cursor would encode the whole history once more.)
         let saved = am.get_heads();
-        Ok(Doc { am: Box::new(am), saved })
+        Ok(Doc { am: Box::new(am), saved, waiting: Vec::new() })
     }
 
     /// A copy to read from (and write to as `actor`), leaving this one untouched.
     pub fn copy(&self, actor: &ActorId) -> Doc {
-        Doc { am: Box::new(self.am.as_ref().clone().with_actor(actor.clone())), saved: self.saved.clone() }
+        Doc {
+            am: Box::new(self.am.as_ref().clone().with_actor(actor.clone())),
+            saved: self.saved.clone(),
+            waiting: self.waiting.clone(),
+        }
     }
 
     /// Whether changes wait inside Automerge for dependencies not received yet.
     pub fn has_waiting_changes(&mut self) -> bool {
-        !self.am.get_missing_deps(&[]).is_empty()
+        !self.waiting.is_empty() || !self.am.get_missing_deps(&[]).is_empty()
     }
 
     /// Whether the document holds no change at all.
@@ -148,8 +171,8 @@ impl Doc {
         out
     }
 
-    /// Applies parsed changes from a peer. Changes whose dependencies are missing wait inside
-    /// Automerge until those arrive. Returns whether the heads moved.
+    /// Applies parsed changes from a peer. Changes whose dependencies are missing wait until
+    /// those arrive (see [`Doc::ready`]). Returns whether the heads moved.
     ///
     /// Automerge 0.12 can panic on some forged changes (a bad sequence number passes
     /// `Change::from_bytes`). A peer's bytes must never crash the node (I7), so the apply runs
@@ -157,14 +180,17 @@ impl Doc {
     pub fn apply_changes(&mut self, changes: Vec<Change>) -> Result<bool, DocError> {
         // Most pushes and anti-entropy rounds carry changes we hold already: skip those without
         // paying for the protective copy below.
-        let changes = self.unknown(changes);
-        if changes.is_empty() {
+        let ready = self.ready(changes);
+        if ready.apply.is_empty() {
+            self.add_waiting(ready.wait);
             return Ok(false);
         }
         let before = self.am.get_heads();
         let mut copy = self.am.clone();
-        apply_caught(&mut copy, changes)?;
+        apply_caught(&mut copy, ready.apply)?;
         self.am = copy;
+        self.waiting.retain(|(h, _)| !ready.unlocked.contains(h));
+        self.add_waiting(ready.wait);
         Ok(self.am.get_heads() != before)
     }
 
@@ -174,26 +200,89 @@ impl Doc {
     /// bringing a cold document up to date at 1,000 simulated nodes (an Automerge clone is a
     /// deep copy of every column and index).
     pub fn apply_changes_or_drop(&mut self, changes: Vec<Change>) -> Result<bool, DocError> {
-        let changes = self.unknown(changes);
-        if changes.is_empty() {
+        let ready = self.ready(changes);
+        if ready.apply.is_empty() {
+            self.add_waiting(ready.wait);
             return Ok(false);
         }
         let before = self.am.get_heads();
-        apply_caught(&mut self.am, changes)?;
+        apply_caught(&mut self.am, ready.apply)?;
+        self.waiting.retain(|(h, _)| !ready.unlocked.contains(h));
+        self.add_waiting(ready.wait);
         Ok(self.am.get_heads() != before)
     }
 
-    /// The changes among `changes` that this document does not hold yet.
-    fn unknown(&mut self, changes: Vec<Change>) -> Vec<Change> {
-        let mut changes = changes;
-        let hashes: Vec<ChangeHash> = changes.iter_mut().map(|c| c.hash()).collect();
-        let missing: std::collections::BTreeSet<ChangeHash> = self.am.get_missing_deps(&hashes).into_iter().collect();
-        changes.into_iter().zip(hashes).filter(|(_, h)| missing.contains(h)).map(|(c, _)| c).collect()
+    /// Splits `changes` and the changes already waiting into those this document can apply
+    /// now (not held yet, every dependency held or among them) and new ones that must wait
+    /// for dependencies; held ones are dropped. Changes nothing.
+    ///
+    /// Changes wait here rather than inside Automerge: Automerge keeps its own queue, but every
+    /// later apply to the document then clones and re-sorts it, and under 10-30% message loss
+    /// at 300 simulated nodes that was three quarters of the simulator's time. Here a change
+    /// that cannot apply costs only itself; the waiting ones are looked at only when a new
+    /// change applies (it may be the dependency they wait for).
+    fn ready(&mut self, changes: Vec<Change>) -> Ready {
+        let mut new: Vec<(ChangeHash, Change)> = changes.into_iter().map(|c| (c.hash(), c)).collect();
+        let hashes: Vec<ChangeHash> = new.iter().map(|(h, _)| *h).collect();
+        let not_held: BTreeSet<ChangeHash> = self.am.get_missing_deps(&hashes).into_iter().collect();
+        let mut seen: BTreeSet<ChangeHash> = self.waiting.iter().map(|(h, _)| *h).collect();
+        new.retain(|(h, _)| not_held.contains(h) && seen.insert(*h));
+        if new.is_empty() {
+            return Ready::default();
+        }
+        let deps = |list: &[(ChangeHash, Change)]| -> Vec<ChangeHash> {
+            list.iter().flat_map(|(_, c)| c.deps().iter().copied()).collect()
+        };
+        let mut absent: BTreeSet<ChangeHash> = self.am.get_missing_deps(&deps(&new)).into_iter().collect();
+        // The ready set: changes whose every dependency is held or ready, to a fixed point.
+        let fixpoint = |pool: &[&(ChangeHash, Change)], absent: &BTreeSet<ChangeHash>| {
+            let mut ok: BTreeSet<ChangeHash> = BTreeSet::new();
+            loop {
+                let before = ok.len();
+                for (h, c) in pool {
+                    if !ok.contains(h) && c.deps().iter().all(|d| !absent.contains(d) || ok.contains(d)) {
+                        ok.insert(*h);
+                    }
+                }
+                if ok.len() == before {
+                    return ok;
+                }
+            }
+        };
+        let mut ok = fixpoint(&new.iter().collect::<Vec<_>>(), &absent);
+        if ok.is_empty() {
+            return Ready { apply: Vec::new(), unlocked: BTreeSet::new(), wait: new };
+        }
+        if !self.waiting.is_empty() {
+            absent.extend(self.am.get_missing_deps(&deps(&self.waiting)));
+            let pool: Vec<&(ChangeHash, Change)> = new.iter().chain(self.waiting.iter()).collect();
+            ok = fixpoint(&pool, &absent);
+        }
+        let unlocked: BTreeSet<ChangeHash> = self.waiting.iter().map(|(h, _)| *h).filter(|h| ok.contains(h)).collect();
+        let mut apply: Vec<Change> =
+            self.waiting.iter().filter(|(h, _)| unlocked.contains(h)).map(|(_, c)| c.clone()).collect();
+        let (now, wait): (Vec<_>, Vec<_>) = new.into_iter().partition(|(h, _)| ok.contains(h));
+        apply.extend(now.into_iter().map(|(_, c)| c));
+        Ready { apply, unlocked, wait }
+    }
+
+    /// Adds changes to the waiting ones, dropping the oldest past [`MAX_WAITING`].
+    fn add_waiting(&mut self, changes: Vec<(ChangeHash, Change)>) {
+        self.waiting.extend(changes);
+        if self.waiting.len() > MAX_WAITING {
+            let excess = self.waiting.len() - MAX_WAITING;
+            self.waiting.drain(..excess);
+        }
     }
 
     /// Every change held, as bytes, in causal order.
     pub fn all_changes(&mut self) -> Vec<Vec<u8>> {
         self.am.get_changes(&[]).iter().map(|c| c.raw_bytes().to_vec()).collect()
+    }
+
+    /// The hash of every change held.
+    pub fn change_hashes(&mut self) -> Vec<ChangeHash> {
+        self.am.get_changes_meta(&[]).into_iter().map(|m| m.hash).collect()
     }
 
     /// The current heads.
