@@ -11,6 +11,7 @@
 #![deny(missing_docs)]
 
 mod doc;
+mod frozen;
 pub mod hash;
 pub mod records;
 pub mod rules;
@@ -18,6 +19,7 @@ pub mod spec;
 pub mod table;
 
 pub use doc::{DocError, SyncState};
+pub use frozen::SharedStates;
 pub use records::{
     Claim, DocId, JobHeader, JobId, JobRecord, NodeId, NodeInfo, NodeMode, NodeRecord, Run, RunStatus, StopRequest,
 };

@@ -14,6 +14,7 @@
 //! bounded tombstone list keeps peers from handing it back. See ARCHITECTURE.md.
 
 use crate::doc::{heads_hash, Doc, DocError, SyncState};
+use crate::frozen::{self, Frozen, Shared, SharedStates};
 use crate::hash::{mix64, stable_hash};
 use crate::records::{
     keys, Claim, DocId, JobHeader, JobId, JobRecord, NodeId, NodeInfo, NodeMode, NodeRecord, Run, StopRequest,
@@ -23,6 +24,7 @@ use automerge::{ActorId, ChangeHash};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 /// Anti-entropy buckets. A digest is this many hashes, so two peers find which slice of the
 /// table differs without exchanging the whole summary.
@@ -39,15 +41,14 @@ pub enum TableError {
     Corrupt(String),
 }
 
-/// One document. A finished job's document is kept *cold*: its saved bytes (a few hundred)
-/// instead of a live Automerge document (tens of KiB in memory); it is loaded again on the
-/// rare occasions it is written or synced.
+/// One document. A document nobody here is writing is kept *cold*: a [`Frozen`] state (bytes
+/// of a few hundred, hashes, record) shared with every table of the process at the same
+/// heads, instead of a live Automerge document (tens of KiB in memory); it is loaded again on
+/// the rare occasions it is written or synced, or on a change the memo has not seen.
 struct Entry<R> {
     doc: Option<Doc>,
-    cold: Option<Vec<u8>>,
-    /// For a cold document: its heads, so a duplicate push of its latest changes does not load it.
-    cold_hashes: Vec<automerge::ChangeHash>,
-    record: R,
+    cold: Option<Arc<Frozen<R>>>,
+    record: Arc<R>,
     hash: u64,
     /// Set while the document is deferred (see [`Table::defer_job`]).
     deferred: Option<Box<Deferred>>,
@@ -56,8 +57,6 @@ struct Entry<R> {
     /// followed by change chunks). Freezing it again keeps these instead of encoding the
     /// whole document anew, which was the largest single cost of deferral at 1,000 nodes.
     log: Option<Log>,
-    /// How many appends the cold bytes carry (see [`MAX_LOG_APPENDS`]).
-    cold_appends: u32,
 }
 
 /// Cold bytes plus appended change chunks; see [`Entry::log`].
@@ -76,10 +75,17 @@ const MAX_LOG_APPENDS: u32 = 2;
 /// Remote changes to a deferred document: held as bytes, counted in the digest, persisted,
 /// and applied in one batch when the document is next needed.
 struct Deferred {
-    /// Changes the document is known to hold: its heads when deferred, and each change since.
-    /// A change that depends on anything else (an older change, or one not yet received) is
-    /// not deferred: the document is brought up to date and applies it the usual way.
-    known: Vec<ChangeHash>,
+    /// Changes the document is known to hold when deferred, sorted: every change of its
+    /// history when it was cold (shared with its frozen state), else its heads. With `added`,
+    /// the changes known; a change that depends on anything else (one not yet received, or
+    /// an older change when only heads are known) is not deferred: the document is brought up
+    /// to date and applies it the usual way.
+    known: Arc<[ChangeHash]>,
+    /// Changes held since.
+    added: Vec<ChangeHash>,
+    /// Whether `known` is every change of the history: then a change without dependencies is
+    /// new, not an old duplicate.
+    complete: bool,
     /// The heads the document will have once `pending` is applied.
     heads: Vec<ChangeHash>,
     /// Change bytes in causal order.
@@ -88,50 +94,57 @@ struct Deferred {
     persisted: usize,
 }
 
-impl<R: Default> Entry<R> {
+impl<R: Default + Shared> Entry<R> {
     fn new(actor: &ActorId) -> Entry<R> {
-        Entry {
-            doc: Some(Doc::new(actor)),
-            cold: None,
-            cold_hashes: Vec::new(),
-            record: R::default(),
-            hash: 0,
-            deferred: None,
-            log: None,
-            cold_appends: 0,
-        }
+        Entry { doc: Some(Doc::new(actor)), ..Entry::absent() }
+    }
+
+    /// An entry holding nothing yet (for a state taken from the memo).
+    fn absent() -> Entry<R> {
+        Entry { doc: None, cold: None, record: Arc::default(), hash: 0, deferred: None, log: None }
     }
 
     fn doc_mut(&mut self, actor: &ActorId) -> Result<&mut Doc, DocError> {
         // The caller may change the document in any way: the log no longer describes it.
         self.log = None;
         if self.doc.is_none() {
-            let bytes = self.cold.as_deref().unwrap_or_default();
-            let doc = Doc::load(bytes, actor)?;
+            let doc = match &self.cold {
+                Some(f) => f.load(actor)?,
+                None => Doc::load(&[], actor)?,
+            };
             self.cold = None;
-            self.cold_hashes = Vec::new();
             self.doc = Some(doc);
         }
         // INVARIANT: just ensured above.
         Ok(self.doc.as_mut().expect("document loaded"))
     }
 
-    fn freeze(&mut self) {
+    /// Makes the document cold. One holding changes that wait for their dependencies stays
+    /// live: they are not part of any state to share, and would be lost.
+    fn freeze(&mut self, shared: Option<&SharedStates>) {
+        if self.doc.as_mut().is_some_and(|d| d.has_waiting_changes()) {
+            return;
+        }
         if let Some(mut doc) = self.doc.take() {
-            // Heads only (reading every change hash costs as much as applying one): a
-            // duplicate of the latest change, the common case, still skips the load.
-            self.cold_hashes = doc.heads();
-            if let Some(log) = self.log.take() {
-                self.cold = Some(log.bytes);
-                self.cold_appends = log.appended;
+            let mut heads = doc.heads();
+            heads.sort();
+            let log = self.log.take();
+            if let Some(state) = frozen::lookup::<R>(shared, &heads) {
+                self.cold = Some(state);
                 return;
             }
-            self.cold_appends = 0;
-            // Automerge's save buffer has kilobytes of spare capacity; a cold document is
-            // kept for long, so keep only its bytes.
-            let mut bytes = doc.save();
-            bytes.shrink_to_fit();
-            self.cold = Some(bytes);
+            // Every change hash, so later pushes are told apart (new, held, or a gap) without
+            // loading: reading them costs about one apply, paid once per state per process.
+            let mut hashes = doc.change_hashes();
+            hashes.sort();
+            let (bytes, appends) = match log {
+                Some(log) => (log.bytes, log.appended),
+                None => (doc.save(), 0),
+            };
+            let state = Frozen::new(bytes, heads, hashes, appends, self.record.clone());
+            // The next table to need this state live copies this document.
+            let _ = state.live.set(doc);
+            self.cold = Some(frozen::share(shared, state));
         }
     }
 
@@ -140,7 +153,7 @@ impl<R: Default> Entry<R> {
         if self.doc.is_some() {
             return None;
         }
-        self.cold.clone().map(|c| (c, self.cold_appends))
+        self.cold.as_ref().map(|f| (f.bytes.to_vec(), f.appends))
     }
 
     /// After `changes` were applied to the document loaded from `base`: the log, unless
@@ -156,15 +169,10 @@ impl<R: Default> Entry<R> {
         }
     }
 
-    /// Whether every change is already held by this cold document.
-    fn cold_and_known(&self, changes: &mut [automerge::Change]) -> bool {
-        self.doc.is_none() && self.cold.is_some() && changes.iter_mut().all(|c| self.cold_hashes.contains(&c.hash()))
-    }
-
     fn save(&mut self) -> Vec<u8> {
         match (&mut self.doc, &self.cold) {
             (Some(doc), _) => doc.save(),
-            (None, Some(bytes)) => bytes.clone(),
+            (None, Some(f)) => f.bytes.to_vec(),
             (None, None) => Vec::new(),
         }
     }
@@ -208,6 +216,11 @@ pub struct Table {
     own_changes: Option<Vec<Vec<u8>>>,
     /// Deferred jobs holding changes not yet applied.
     deferred_pending: BTreeSet<JobId>,
+    /// Persist records of changes taken without a live document (raw change bytes, which load
+    /// like an incremental save), in arrival order; written before any other record.
+    raw_unsaved: Vec<Vec<u8>>,
+    /// Document states shared with other tables of the process, if any (see `frozen`).
+    shared: Option<Arc<SharedStates>>,
 }
 
 impl std::fmt::Debug for Table {
@@ -253,7 +266,15 @@ impl Table {
             outbox: Vec::new(),
             own_changes: None,
             deferred_pending: BTreeSet::new(),
+            raw_unsaved: Vec::new(),
+            shared: None,
         }
+    }
+
+    /// Shares cold document states with the other tables given `states` (the simulator gives
+    /// one to every node of a run). Sharing changes no decision, only the work done.
+    pub fn share_states(&mut self, states: Arc<SharedStates>) {
+        self.shared = Some(states);
     }
 
     /// The local node's id.
@@ -265,12 +286,12 @@ impl Table {
 
     /// A job's record.
     pub fn job(&self, id: &str) -> Option<&JobRecord> {
-        self.jobs.get(id).filter(|e| e.hash != 0).map(|e| &e.record)
+        self.jobs.get(id).filter(|e| e.hash != 0).map(|e| &*e.record)
     }
 
     /// All jobs, by id.
     pub fn jobs(&self) -> impl Iterator<Item = (&JobId, &JobRecord)> {
-        self.jobs.iter().filter(|(_, e)| e.hash != 0).map(|(id, e)| (id, &e.record))
+        self.jobs.iter().filter(|(_, e)| e.hash != 0).map(|(id, e)| (id, &*e.record))
     }
 
     /// Number of job documents held.
@@ -280,12 +301,12 @@ impl Table {
 
     /// A node's record.
     pub fn node(&self, id: &str) -> Option<&NodeRecord> {
-        self.nodes.get(id).filter(|e| e.hash != 0).map(|e| &e.record)
+        self.nodes.get(id).filter(|e| e.hash != 0).map(|e| &*e.record)
     }
 
     /// All nodes, by id.
     pub fn nodes(&self) -> impl Iterator<Item = (&NodeId, &NodeRecord)> {
-        self.nodes.iter().filter(|(_, e)| e.hash != 0).map(|(id, e)| (id, &e.record))
+        self.nodes.iter().filter(|(_, e)| e.hash != 0).map(|(id, e)| (id, &*e.record))
     }
 
     /// A node's state. A node the table has never heard of counts as alive: its claims stand
@@ -430,7 +451,7 @@ impl Table {
                 let Some(entry) = self.nodes.get_mut(id) else { return };
                 let Some(doc) = entry.doc.as_mut() else { return };
                 let entries = doc.entries();
-                let record = NodeRecord::parse(entries.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+                let record = Arc::new(NodeRecord::parse(entries.iter().map(|(k, v)| (k.as_str(), v.as_str()))));
                 let previous = std::mem::replace(&mut entry.record, record);
                 if *id == self.local {
                     self.own_changes = None;
@@ -445,7 +466,7 @@ impl Table {
                 let Some(entry) = self.jobs.get_mut(id) else { return };
                 let Some(doc) = entry.doc.as_mut() else { return };
                 let entries = doc.entries();
-                entry.record = JobRecord::parse(entries.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+                entry.record = Arc::new(JobRecord::parse(entries.iter().map(|(k, v)| (k.as_str(), v.as_str()))));
                 let old = entry.hash;
                 entry.hash = entry_hash(doc_id, (!doc.is_empty()).then(|| doc.heads_hash()));
                 (old, entry.hash)
@@ -464,7 +485,7 @@ impl Table {
         let previous = if was_held { previous } else { &empty };
         let current = match self.nodes.get(observer) {
             Some(e) if is_held => e.record.clone(),
-            _ => NodeRecord::default(),
+            _ => Arc::default(),
         };
         let mut touched: BTreeSet<NodeId> = BTreeSet::new();
         touched.insert(observer.clone());
@@ -493,7 +514,7 @@ impl Table {
             }
         }
         for target in touched {
-            let record = self.nodes.get(&target).filter(|e| e.hash != 0).map(|e| &e.record);
+            let record = self.nodes.get(&target).filter(|e| e.hash != 0).map(|e| &*e.record);
             let worst = |index: &BTreeMap<NodeId, BTreeMap<NodeId, u64>>| {
                 index.get(&target).and_then(|by| by.values().copied().max())
             };
@@ -531,7 +552,7 @@ impl Table {
     pub fn freeze_idle_nodes(&mut self) {
         for (id, entry) in &mut self.nodes {
             if *id != self.local && entry.doc.is_some() && !self.unsaved.contains(&DocId::Node(id.clone())) {
-                entry.freeze();
+                entry.freeze(self.shared.as_deref());
             }
         }
     }
@@ -549,9 +570,10 @@ impl Table {
     // ---- remote input ----
 
     /// Runs `op` on the document for remote input, creating it if needed. A document created
-    /// for input that turns out bad is removed again. One created for changes that wait for
-    /// their dependencies stays (the changes wait inside it) but counts as absent: hash 0, not
-    /// in summaries, not in membership. A compacted job gives `Ok(None)`.
+    /// for input that turns out bad, or that brought nothing, is removed again. One created
+    /// for changes that wait for their dependencies stays (the changes wait inside it) but
+    /// counts as absent: hash 0, not in summaries, not in membership. A compacted job gives
+    /// `Ok(None)`.
     fn with_remote_doc<T>(
         &mut self,
         doc_id: &DocId,
@@ -567,7 +589,8 @@ impl Table {
                 let entry = self.nodes.entry(id.clone()).or_insert_with(|| Entry::new(&actor));
                 let result = entry.doc_mut(&actor).and_then(op);
                 let empty = entry.doc.as_mut().is_some_and(|d| d.is_empty());
-                if created && result.is_err() && empty {
+                let waiting = entry.doc.as_mut().is_some_and(|d| d.has_waiting_changes());
+                if created && empty && (result.is_err() || !waiting) {
                     self.nodes.remove(id);
                 }
                 result
@@ -580,7 +603,8 @@ impl Table {
                 let entry = self.jobs.entry(id.clone()).or_insert_with(|| Entry::new(&actor));
                 let result = entry.doc_mut(&actor).and_then(op);
                 let empty = entry.doc.as_mut().is_some_and(|d| d.is_empty());
-                if created && result.is_err() && empty {
+                let waiting = entry.doc.as_mut().is_some_and(|d| d.has_waiting_changes());
+                if created && empty && (result.is_err() || !waiting) {
                     self.jobs.remove(id);
                 }
                 result
@@ -592,18 +616,17 @@ impl Table {
     /// Applies changes pushed by a peer. Returns whether the document moved. A compacted job's
     /// changes are ignored (returns false). On error nothing changed.
     pub fn apply_changes(&mut self, doc_id: &DocId, changes: &[Vec<u8>]) -> Result<bool, TableError> {
-        let mut parsed = Doc::parse_changes(changes)?;
+        let mut parsed = match &self.shared {
+            Some(states) => states.parse(changes)?,
+            None => Doc::parse_changes(changes)?,
+        };
         if let DocId::Job(id) = doc_id {
             if let Some(moved) = self.defer_changes(id, &mut parsed, changes) {
                 return Ok(moved);
             }
         }
-        let known = match doc_id {
-            DocId::Node(id) => self.nodes.get(id).is_some_and(|e| e.cold_and_known(&mut parsed)),
-            DocId::Job(id) => self.jobs.get(id).is_some_and(|e| e.cold_and_known(&mut parsed)),
-        };
-        if known {
-            return Ok(false);
+        if let Some(moved) = self.apply_without_loading(doc_id, &mut parsed, changes) {
+            return Ok(moved);
         }
         // A job document that is new here or cold: its bytes followed by these changes
         // describe the result, so freezing it afterwards need not encode it (see `Entry::log`).
@@ -640,6 +663,77 @@ impl Table {
             self.after_change(doc_id);
         }
         Ok(moved)
+    }
+
+    /// Applies changes to a cold or absent document without loading it, where that can be
+    /// done: `Some(false)` when they hold nothing new, `Some(true)` when the state they lead
+    /// to was taken from the memo (see `frozen`); then they are persisted raw and the
+    /// bookkeeping of [`Table::after_change`] is done. `None`: the caller does the work (a
+    /// state not seen yet, or a change whose dependencies are missing, which must wait inside
+    /// the live document).
+    fn apply_without_loading(
+        &mut self,
+        doc_id: &DocId,
+        parsed: &mut [automerge::Change],
+        changes: &[Vec<u8>],
+    ) -> Option<bool> {
+        enum Outcome<R> {
+            Nothing,
+            Adopted { previous: Arc<R>, old: u64, heads: Vec<ChangeHash>, new: Vec<usize> },
+        }
+        fn adopt<R: Shared + Default>(
+            states: Option<&SharedStates>,
+            map: &mut BTreeMap<String, Entry<R>>,
+            id: &str,
+            parsed: &mut [automerge::Change],
+        ) -> Option<Outcome<R>> {
+            let plan = match map.get(id) {
+                None => frozen::plan::<R>(None, parsed)?,
+                Some(e) if e.doc.is_none() && e.deferred.is_none() => frozen::plan(Some(e.cold.as_ref()?), parsed)?,
+                Some(_) => return None,
+            };
+            if plan.new.is_empty() {
+                return Some(Outcome::Nothing);
+            }
+            let shared = frozen::lookup::<R>(states, &plan.heads)?;
+            let entry = map.entry(id.to_string()).or_insert_with(Entry::absent);
+            entry.log = None;
+            let previous = std::mem::replace(&mut entry.record, shared.record.clone());
+            entry.cold = Some(shared);
+            Some(Outcome::Adopted { previous, old: entry.hash, heads: plan.heads, new: plan.new })
+        }
+        let (old_hash, new_hash, applied) = match doc_id {
+            DocId::Job(id) if self.tombstones.contains_key(id) => return Some(false),
+            DocId::Job(id) => match adopt(self.shared.as_deref(), &mut self.jobs, id, parsed)? {
+                Outcome::Nothing => return Some(false),
+                Outcome::Adopted { old, heads, new, .. } => {
+                    let hash = entry_hash(doc_id, Some(heads_hash(&heads)));
+                    if let Some(e) = self.jobs.get_mut(id) {
+                        e.hash = hash;
+                    }
+                    (old, hash, new)
+                }
+            },
+            DocId::Node(id) => match adopt(self.shared.as_deref(), &mut self.nodes, id, parsed)? {
+                Outcome::Nothing => return Some(false),
+                Outcome::Adopted { previous, old, heads, new } => {
+                    if *id == self.local {
+                        self.own_changes = None;
+                    }
+                    let hash = entry_hash(doc_id, Some(heads_hash(&heads)));
+                    if let Some(e) = self.nodes.get_mut(id) {
+                        e.hash = hash;
+                    }
+                    self.update_membership(id, &previous, old != 0, true);
+                    (old, hash, new)
+                }
+            },
+        };
+        self.buckets[bucket_of(doc_id)] ^= old_hash ^ new_hash;
+        let bytes: Vec<u8> = applied.iter().flat_map(|&i| changes[i].iter().copied()).collect();
+        self.raw_unsaved.push(encode(&PersistRecord::Doc { doc: doc_id.clone(), bytes }));
+        self.changed.insert(doc_id.clone());
+        Some(true)
     }
 
     /// After an unguarded apply failed on a document loaded from `base`: back to `base`
@@ -681,28 +775,32 @@ impl Table {
         if entry.deferred.is_some() {
             return;
         }
-        let heads = match (&mut entry.doc, &entry.cold) {
-            // Changes waiting inside Automerge for their dependencies would join the heads
-            // when those arrive, which the deferral could not foresee.
+        // Changes waiting inside Automerge for their dependencies would join the heads when
+        // those arrive, which the deferral could not foresee.
+        if entry.doc.as_mut().is_some_and(|d| d.has_waiting_changes()) {
+            return;
+        }
+        // A deferred document is not read until it is brought up to date: keep it cold (a
+        // live one is ~18 KiB; 1,000 active jobs on each of 1,000 simulated nodes were 18 GB).
+        // One with changes not yet on disk goes cold once they are (`take_persist_records`).
+        if !self.unsaved.contains(&DocId::Job(job.to_string())) {
+            entry.freeze(self.shared.as_deref());
+        }
+        let (heads, known, complete): (_, Arc<[ChangeHash]>, _) = match (&mut entry.doc, &entry.cold) {
             (Some(doc), _) => {
-                if doc.has_waiting_changes() {
-                    return;
-                }
-                doc.heads()
+                let heads = doc.heads();
+                let mut known = heads.clone();
+                known.sort();
+                (heads, known.into(), false)
             }
-            (None, Some(_)) => entry.cold_hashes.clone(),
+            (None, Some(f)) => (f.heads.to_vec(), f.hashes.clone(), true),
             (None, None) => return,
         };
         if heads.is_empty() {
             return;
         }
-        entry.deferred = Some(Box::new(Deferred { known: heads.clone(), heads, pending: Vec::new(), persisted: 0 }));
-        // A deferred document is not read until it is brought up to date: keep it cold (a
-        // live one is ~18 KiB; 1,000 active jobs on each of 1,000 simulated nodes were 18 GB).
-        // One with changes not yet on disk goes cold once they are (`take_persist_records`).
-        if !self.unsaved.contains(&DocId::Job(job.to_string())) {
-            entry.freeze();
-        }
+        let deferred = Deferred { known, added: Vec::new(), complete, heads, pending: Vec::new(), persisted: 0 };
+        entry.deferred = Some(Box::new(deferred));
     }
 
     /// A job's record including changes a deferred document holds but has not applied (on a
@@ -710,12 +808,12 @@ impl Table {
     pub fn job_current(&self, id: &str) -> Option<Cow<'_, JobRecord>> {
         let entry = self.jobs.get(id)?;
         let Some(deferred) = entry.deferred.as_ref().filter(|d| !d.pending.is_empty()) else {
-            return Some(Cow::Borrowed(&entry.record));
+            return Some(Cow::Borrowed(&*entry.record));
         };
         let mut doc = match (&entry.doc, &entry.cold) {
             (Some(doc), _) => doc.copy(&self.actor),
-            (None, Some(bytes)) => Doc::load(bytes, &self.actor).ok()?,
-            (None, None) => return Some(Cow::Borrowed(&entry.record)),
+            (None, Some(f)) => f.load(&self.actor).ok()?,
+            (None, None) => return Some(Cow::Borrowed(&*entry.record)),
         };
         if let Ok(parsed) = Doc::parse_changes(&deferred.pending) {
             let _ = doc.apply_changes(parsed);
@@ -743,6 +841,11 @@ impl Table {
         self.deferred_pending.contains(job)
     }
 
+    /// How many changes a deferred job holds, not yet applied.
+    pub fn held_changes(&self, job: &str) -> usize {
+        self.jobs.get(job).and_then(|e| e.deferred.as_ref()).map_or(0, |d| d.pending.len())
+    }
+
     /// Deferred jobs holding changes not yet applied.
     pub fn deferred_with_changes(&self) -> impl Iterator<Item = &JobId> {
         self.deferred_pending.iter()
@@ -757,19 +860,39 @@ impl Table {
         }
         let actor = self.actor.clone();
         let all_persisted = deferred.persisted == deferred.pending.len();
+        let doc_id = DocId::Job(job.to_string());
+        // Another table of this process froze the result: take it (see `frozen`). The entry
+        // hash already follows the held changes' heads.
+        if entry.doc.is_none() {
+            let mut target = deferred.heads.clone();
+            target.sort();
+            if let Some(shared) = frozen::lookup::<JobRecord>(self.shared.as_deref(), &target) {
+                entry.record = shared.record.clone();
+                entry.cold = Some(shared);
+                entry.log = None;
+                if !all_persisted {
+                    let bytes = deferred.pending[deferred.persisted..].concat();
+                    self.raw_unsaved.push(encode(&PersistRecord::Doc { doc: doc_id.clone(), bytes }));
+                }
+                if notify {
+                    self.changed.insert(doc_id);
+                }
+                return;
+            }
+        }
         // A cold document is loaded here rather than through `doc_mut`, keeping its bytes:
         // with the held changes appended they describe the result, and freezing it again
         // costs a copy instead of an encode.
         let mut log: Option<Log> = None;
         if entry.doc.is_none() {
-            let cold = entry.cold.take().unwrap_or_default();
-            match Doc::load(&cold, &actor) {
-                Ok(doc) => {
-                    entry.doc = Some(doc);
-                    entry.cold_hashes = Vec::new();
-                    log = Some(Log { bytes: cold, appended: entry.cold_appends });
+            if let Some(shared) = entry.cold.take() {
+                match shared.load(&actor) {
+                    Ok(doc) => {
+                        entry.doc = Some(doc);
+                        log = Some(Log { bytes: shared.bytes.to_vec(), appended: shared.appends });
+                    }
+                    Err(_) => entry.cold = Some(shared),
                 }
-                Err(_) => entry.cold = Some(cold),
             }
         }
         // The bytes parsed when they arrived. Should Automerge refuse them now, the document
@@ -802,7 +925,6 @@ impl Table {
                 _ => None,
             };
         }
-        let doc_id = DocId::Job(job.to_string());
         self.after_change(&doc_id);
         if !notify {
             self.changed.remove(&doc_id);
@@ -815,31 +937,35 @@ impl Table {
     fn defer_changes(&mut self, job: &str, parsed: &mut [automerge::Change], bytes: &[Vec<u8>]) -> Option<bool> {
         let entry = self.jobs.get_mut(job)?;
         let deferred = entry.deferred.as_mut()?;
-        let mut known = deferred.known.clone();
+        let mut added: Vec<ChangeHash> = Vec::new();
+        let known = |h: &ChangeHash, added: &[ChangeHash]| {
+            deferred.known.binary_search(h).is_ok() || deferred.added.contains(h) || added.contains(h)
+        };
         let mut heads = deferred.heads.clone();
         let mut new = Vec::new();
         for (change, bytes) in parsed.iter_mut().zip(bytes) {
             let hash = change.hash();
-            if known.contains(&hash) {
+            if known(&hash, &added) {
                 continue;
             }
             // A change is new exactly when its dependencies are known: a child of a head (or
             // of a held change) cannot already be in the history, or that parent would not be
             // a head. A change without dependencies could be an old duplicate: apply it.
+            // With every change of the history known, one without dependencies is new too.
             let deps = change.deps();
-            if deps.is_empty() || !deps.iter().all(|d| known.contains(d)) {
+            if (deps.is_empty() && !deferred.complete) || !deps.iter().all(|d| known(d, &added)) {
                 self.materialize(job, true);
                 return None;
             }
             heads.retain(|h| !deps.contains(h));
             heads.push(hash);
-            known.push(hash);
+            added.push(hash);
             new.push(bytes.clone());
         }
         if new.is_empty() {
             return Some(false);
         }
-        deferred.known = known;
+        deferred.added.extend(added);
         deferred.pending.extend(new);
         let doc_id = DocId::Job(job.to_string());
         let old = entry.hash;
@@ -888,13 +1014,15 @@ impl Table {
             return;
         }
         if let Some(entry) = self.jobs.get_mut(job) {
-            entry.freeze();
+            entry.freeze(self.shared.as_deref());
         }
     }
 
     /// Bytes held by cold documents (nodes and jobs).
     pub fn cold_bytes(&self) -> usize {
-        let cold = |c: &Option<Vec<u8>>| c.as_ref().map_or(0, Vec::len);
+        fn cold<R>(c: &Option<Arc<Frozen<R>>>) -> usize {
+            c.as_ref().map_or(0, |f| f.bytes.len())
+        }
         self.nodes.values().map(|e| cold(&e.cold)).sum::<usize>()
             + self.jobs.values().map(|e| cold(&e.cold)).sum::<usize>()
     }
@@ -981,7 +1109,7 @@ impl Table {
 
     /// Records for everything changed since the last call, to append to durable storage.
     pub fn take_persist_records(&mut self) -> Vec<Vec<u8>> {
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.raw_unsaved);
         for doc_id in std::mem::take(&mut self.unsaved) {
             let bytes = match &doc_id {
                 DocId::Node(id) => self.nodes.get_mut(id).and_then(|e| e.doc.as_mut()).map(|d| d.save_incremental()),
@@ -1001,7 +1129,7 @@ impl Table {
                             out.push(encode(&PersistRecord::Doc { doc: doc_id.clone(), bytes }));
                         }
                     }
-                    entry.freeze();
+                    entry.freeze(self.shared.as_deref());
                 }
             }
             // Other nodes' documents go cold as soon as they are on disk (see
@@ -1009,7 +1137,7 @@ impl Table {
             if let DocId::Node(id) = &doc_id {
                 if *id != self.local {
                     if let Some(entry) = self.nodes.get_mut(id) {
-                        entry.freeze();
+                        entry.freeze(self.shared.as_deref());
                     }
                 }
             }
@@ -1035,6 +1163,7 @@ impl Table {
         }
         self.unsaved.clear();
         self.compacted_unsaved.clear();
+        self.raw_unsaved.clear();
         encode(&Snapshot { records })
     }
 
@@ -1045,7 +1174,7 @@ impl Table {
             let held = e.deferred.as_ref().map_or(0, |d| d.pending.iter().map(Vec::len).sum());
             held + match (&e.doc, &e.cold) {
                 (Some(doc), _) => doc.save_copy_len(),
-                (None, Some(bytes)) => bytes.len(),
+                (None, Some(f)) => f.bytes.len(),
                 (None, None) => 0,
             }
         }
@@ -1068,6 +1197,7 @@ impl Table {
         }
         self.unsaved.clear();
         self.compacted_unsaved.clear();
+        self.raw_unsaved.clear();
         self.outbox.clear();
         Ok(())
     }

@@ -11,7 +11,7 @@
 //! It does not use tokio, libp2p, threads (within a run), clocks or unseeded randomness.
 
 use colony::engine::{Engine, EngineConfig, Message, Output, Retention, Timing};
-use colony_crdt::{JobKind, JobSpec, Resources, RestartPolicy};
+use colony_crdt::{JobKind, JobSpec, Resources, RestartPolicy, SharedStates};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -337,6 +337,11 @@ pub struct Sim {
     deaths_by_node: BTreeMap<usize, u64>,
     result: RunResult,
     pool: RecordPool,
+    /// Cold document states shared by this run's nodes (see `colony_crdt::SharedStates`):
+    /// every node reaches the same states of the same documents, and loading, applying and
+    /// encoding each once per node was most of a 1,000-node run. One per run, so a run stays
+    /// a function of its seed.
+    states: Arc<SharedStates>,
 }
 
 const DEFAULT_LATENCY_MS: u64 = 1;
@@ -380,6 +385,7 @@ impl Sim {
             deaths_by_node: BTreeMap::new(),
             result,
             pool: RecordPool::default(),
+            states: Arc::default(),
             config,
         }
     }
@@ -412,7 +418,8 @@ impl Sim {
         node.boot += 1;
         let records: Vec<Vec<u8>> = node.disk.records.iter().map(|r| r.to_vec()).collect();
         let restored = if node.boot == 1 { None } else { Some((node.disk.snapshot.as_deref(), &records[..])) };
-        let engine = Engine::new(node.id.clone(), config, seed, self.now, restored)
+        let states = Some(self.states.clone());
+        let engine = Engine::new_sharing(node.id.clone(), config, seed, self.now, restored, states)
             .unwrap_or_else(|e| panic!("node {i} failed to restore its own durable state: {e}"));
         node.engine = Some(engine);
         node.wake_at = None;

@@ -20,7 +20,7 @@ pub use views::{InstanceJson, JobJson, NodeJson, RunJson};
 use colony_crdt::rules::{self, evaluate_instance, InstanceView, JobStatus, NodeState};
 use colony_crdt::{
     Claim, DocId, InstanceStatus, JobHeader, JobId, JobSpec, NodeId, NodeInfo, NodeMode, Resources, RestartPlacement,
-    Run, RunStatus, SpecError, StopRequest, SyncState, Table, TableError, BUCKETS,
+    Run, RunStatus, SharedStates, SpecError, StopRequest, SyncState, Table, TableError, BUCKETS,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -284,6 +284,20 @@ impl Engine {
         now_ms: u64,
         restored: Option<Restored<'_>>,
     ) -> Result<Engine, EngineError> {
+        Engine::new_sharing(id, config, seed, now_ms, restored, None)
+    }
+
+    /// [`Engine::new`] for one of many node cores in a process, sharing cold document states
+    /// with the others given the same `states` (see [`SharedStates`]): the simulator's nodes
+    /// share one per run. It changes no decision, only the work done.
+    pub fn new_sharing(
+        id: NodeId,
+        config: EngineConfig,
+        seed: u64,
+        now_ms: u64,
+        restored: Option<Restored<'_>>,
+        states: Option<std::sync::Arc<SharedStates>>,
+    ) -> Result<Engine, EngineError> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let boot: u64 = rng.gen();
         let actor: [u8; 16] = rng.gen();
@@ -293,6 +307,9 @@ impl Engine {
         // pushed to N peers: a 1,000-node simulation stalled on it).
         let sweep_phase = rng.gen_range(0..config.timing.deferred_sweep_ms.max(1));
         let mut table = Table::new(id.clone(), actor);
+        if let Some(states) = states {
+            table.share_states(states);
+        }
         if let Some((snapshot, records)) = restored {
             table.restore(snapshot, records)?;
         }

@@ -1,0 +1,286 @@
+//! Documents at rest, shared by content.
+//!
+//! A cold document is its bytes, its heads and its parsed record. Heads name a history
+//! exactly (each is a hash over a change and its dependencies), and a history determines the
+//! document, so two tables holding a document at the same heads hold the same thing. A table
+//! keeps its cold documents in [`Frozen`] values; tables given the same [`SharedStates`]
+//! share them through a memo keyed by heads: a table that brings a document to heads another
+//! has frozen before takes that state instead of loading, applying and encoding it again.
+//!
+//! It is a pure cache: what a hit returns equals what the work would have produced. The bytes
+//! may differ in layout (never in what they load to), and so may persisted byte counts and
+//! with them snapshot timing; the memo is therefore explicit and per run, never global, so a
+//! run is a function of its seed alone. A daemon holds one node core and shares nothing; a
+//! simulator of 1,000 nodes repeats every job's every state on every node, and loading,
+//! applying and re-encoding those states were most of its time.
+
+use crate::doc::{Doc, DocError};
+use crate::records::{JobRecord, NodeRecord};
+use automerge::{ActorId, ChangeHash};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+/// A document at rest.
+pub(crate) struct Frozen<R> {
+    /// Automerge bytes that load to the document: a save, possibly followed by change chunks.
+    pub bytes: Box<[u8]>,
+    /// Its heads, sorted.
+    pub heads: Box<[ChangeHash]>,
+    /// Every change of its history, sorted.
+    pub hashes: Arc<[ChangeHash]>,
+    /// How many change-chunk appends follow the save in `bytes`.
+    pub appends: u32,
+    /// The record parsed from it.
+    pub record: Arc<R>,
+    /// The document loaded, once some table needed it live: the next one copies it instead
+    /// of loading the bytes again (an Automerge load rebuilds and hashes every change, several
+    /// times the cost of a copy).
+    pub live: OnceLock<Doc>,
+}
+
+impl<R> Frozen<R> {
+    /// A frozen state that no table has loaded yet.
+    pub fn new(bytes: Vec<u8>, heads: Vec<ChangeHash>, hashes: Vec<ChangeHash>, appends: u32, record: Arc<R>) -> Self {
+        Frozen {
+            bytes: bytes.into_boxed_slice(),
+            heads: heads.into(),
+            hashes: hashes.into(),
+            appends,
+            record,
+            live: OnceLock::new(),
+        }
+    }
+
+    /// The document, live, writing as `actor`. A table holds a cold document only once it is
+    /// on its disk, so the copy counts as saved.
+    pub fn load(&self, actor: &ActorId) -> Result<Doc, DocError> {
+        if let Some(doc) = self.live.get() {
+            let mut copy = doc.copy(actor);
+            copy.mark_saved();
+            return Ok(copy);
+        }
+        let doc = Doc::load(&self.bytes, actor)?;
+        let copy = doc.copy(actor);
+        let _ = self.live.set(doc);
+        Ok(copy)
+    }
+}
+
+/// Frozen documents by heads. Entries are weak: a state lives as long as some table holds it.
+pub(crate) struct Memo<R> {
+    by_heads: HashMap<Box<[ChangeHash]>, Weak<Frozen<R>>>,
+    purge_at: usize,
+}
+
+impl<R> Default for Memo<R> {
+    fn default() -> Self {
+        Memo { by_heads: HashMap::new(), purge_at: 1024 }
+    }
+}
+
+/// Document states shared by the tables given the same value (see the module docs): the
+/// simulator gives one to every node of a run.
+#[derive(Default)]
+pub struct SharedStates {
+    nodes: Mutex<Memo<NodeRecord>>,
+    jobs: Mutex<Memo<JobRecord>>,
+    /// Parsed changes by their bytes: a pushed change reaches every node, and parsing it
+    /// (checksum, decompression, op verification) once per node was a tenth of a 1,000-node
+    /// run. Cleared when full.
+    changes: Mutex<HashMap<Box<[u8]>, automerge::Change>>,
+}
+
+/// Parsed changes kept at most, per [`SharedStates`].
+const MAX_PARSED: usize = 1 << 16;
+
+impl SharedStates {
+    /// Parses change bytes, from the shared cache where another table parsed them before.
+    pub(crate) fn parse(&self, changes: &[Vec<u8>]) -> Result<Vec<automerge::Change>, DocError> {
+        let Ok(mut cache) = self.changes.lock() else { return Doc::parse_changes(changes) };
+        let mut out = Vec::with_capacity(changes.len());
+        for bytes in changes {
+            if let Some(change) = cache.get(bytes.as_slice()) {
+                out.push(change.clone());
+                continue;
+            }
+            for change in Doc::parse_changes(std::slice::from_ref(bytes))? {
+                if cache.len() >= MAX_PARSED {
+                    cache.clear();
+                }
+                cache.insert(bytes.clone().into_boxed_slice(), change.clone());
+                out.push(change);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl std::fmt::Debug for SharedStates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedStates").finish_non_exhaustive()
+    }
+}
+
+/// A record type with its own memo.
+pub(crate) trait Shared: Sized + Send + Sync + 'static {
+    fn memo(states: &SharedStates) -> &Mutex<Memo<Self>>;
+}
+
+impl Shared for NodeRecord {
+    fn memo(states: &SharedStates) -> &Mutex<Memo<Self>> {
+        &states.nodes
+    }
+}
+
+impl Shared for JobRecord {
+    fn memo(states: &SharedStates) -> &Mutex<Memo<Self>> {
+        &states.jobs
+    }
+}
+
+/// The frozen state at `heads` (sorted), if some table sharing `states` holds it.
+pub(crate) fn lookup<R: Shared>(states: Option<&SharedStates>, heads: &[ChangeHash]) -> Option<Arc<Frozen<R>>> {
+    if heads.is_empty() {
+        return None;
+    }
+    // A poisoned lock (a panic elsewhere while holding it) only loses the sharing.
+    let memo = R::memo(states?).lock().ok()?;
+    memo.by_heads.get(heads).and_then(Weak::upgrade)
+}
+
+/// Shares `frozen`, or returns the state already shared at its heads.
+pub(crate) fn share<R: Shared>(states: Option<&SharedStates>, frozen: Frozen<R>) -> Arc<Frozen<R>> {
+    let Some(states) = states.filter(|_| !frozen.heads.is_empty()) else { return Arc::new(frozen) };
+    let Ok(mut memo) = R::memo(states).lock() else { return Arc::new(frozen) };
+    if let Some(shared) = memo.by_heads.get(&frozen.heads).and_then(Weak::upgrade) {
+        return shared;
+    }
+    let frozen = Arc::new(frozen);
+    memo.by_heads.insert(frozen.heads.clone(), Arc::downgrade(&frozen));
+    if memo.by_heads.len() > memo.purge_at {
+        // Forget states no table holds any more.
+        memo.by_heads.retain(|_, f| f.strong_count() > 0);
+        memo.purge_at = (memo.by_heads.len() * 2).max(1024);
+    }
+    frozen
+}
+
+/// What a batch of changes does to a document at rest (see [`plan`]).
+pub(crate) struct Plan {
+    /// Indexes of the changes it can apply: not held, dependencies held or among them.
+    pub new: Vec<usize>,
+    /// Its heads (sorted) once they are applied.
+    pub heads: Vec<ChangeHash>,
+}
+
+/// Tells, from the changes and the state's hashes alone, which of `changes` a document at
+/// `state` (or a new one, for `None`) will apply and what heads it will have then. Changes
+/// held already are skipped. `None` when a change's dependencies are missing: it must wait in
+/// a live document.
+pub(crate) fn plan<R>(state: Option<&Frozen<R>>, changes: &mut [automerge::Change]) -> Option<Plan> {
+    let held = |h: &ChangeHash| state.is_some_and(|f| f.hashes.binary_search(h).is_ok());
+    let hashes: Vec<ChangeHash> = changes.iter_mut().map(|c| c.hash()).collect();
+    let mut new: Vec<usize> = Vec::new();
+    for (i, h) in hashes.iter().enumerate() {
+        if !held(h) && !new.iter().any(|&j| hashes[j] == *h) {
+            new.push(i);
+        }
+    }
+    let ok: Vec<ChangeHash> = new.iter().map(|&i| hashes[i]).collect();
+    if !new.iter().all(|&i| changes[i].deps().iter().all(|d| held(d) || ok.contains(d))) {
+        return None;
+    }
+    let mut heads: Vec<ChangeHash> = state.map_or_else(Vec::new, |f| f.heads.to_vec());
+    heads.extend(new.iter().map(|&i| hashes[i]));
+    for &i in &new {
+        let deps = changes[i].deps();
+        heads.retain(|h| !deps.contains(h));
+    }
+    heads.sort();
+    heads.dedup();
+    Some(Plan { new, heads })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::doc::Doc;
+    use automerge::ActorId;
+
+    fn parse(changes: &[&Vec<u8>]) -> Vec<automerge::Change> {
+        let owned: Vec<Vec<u8>> = changes.iter().map(|c| (*c).clone()).collect();
+        Doc::parse_changes(&owned).expect("valid changes")
+    }
+
+    fn state_of(doc: &mut Doc) -> Frozen<()> {
+        let mut heads = doc.heads();
+        heads.sort();
+        let mut hashes = doc.change_hashes();
+        hashes.sort();
+        Frozen::new(doc.save(), heads, hashes, 0, Arc::new(()))
+    }
+
+    fn hash_of(change: &Vec<u8>) -> ChangeHash {
+        parse(&[change])[0].hash()
+    }
+
+    /// c1 <- c2 <- c3 by one writer, and cb <- c1 by another, concurrent with c2.
+    #[test]
+    fn plan_tells_new_held_missing_and_concurrent_changes() {
+        let (a, b) = (ActorId::from(&[1u8; 16][..]), ActorId::from(&[2u8; 16][..]));
+        let mut writer = Doc::new(&a);
+        let c1 = writer.put("k1", "v").expect("a change");
+        let mut other = writer.copy(&b);
+        let c2 = writer.put("k2", "v").expect("a change");
+        let c3 = writer.put("k3", "v").expect("a change");
+        let cb = other.put("kb", "v").expect("a change");
+
+        let mut reader = Doc::new(&b);
+        reader.apply_changes(parse(&[&c1])).expect("applies");
+        let at_c1 = state_of(&mut reader);
+
+        let plan_in_order = plan(Some(&at_c1), &mut parse(&[&c2, &c3])).expect("no gap");
+        assert_eq!(plan_in_order.new, vec![0, 1]);
+        assert_eq!(plan_in_order.heads, vec![hash_of(&c3)]);
+
+        let held = plan(Some(&at_c1), &mut parse(&[&c1])).expect("no gap");
+        assert!(held.new.is_empty(), "a change held already is not new");
+
+        assert!(plan(Some(&at_c1), &mut parse(&[&c3])).is_none(), "c3 without c2 is a gap");
+        assert!(plan::<()>(None, &mut parse(&[&c2])).is_none(), "a new document cannot start at c2");
+
+        reader.apply_changes(parse(&[&c2])).expect("applies");
+        let at_c2 = state_of(&mut reader);
+        let concurrent = plan(Some(&at_c2), &mut parse(&[&cb])).expect("cb depends on c1, which is held");
+        let mut expected = vec![hash_of(&c2), hash_of(&cb)];
+        expected.sort();
+        assert_eq!(concurrent.heads, expected);
+
+        // The plan's heads are what applying gives.
+        reader.apply_changes(parse(&[&cb])).expect("applies");
+        let mut heads = reader.heads();
+        heads.sort();
+        assert_eq!(heads, concurrent.heads);
+    }
+
+    #[test]
+    fn a_shared_state_is_found_by_heads_until_no_one_holds_it() {
+        let mut doc = Doc::new(&ActorId::from(&[3u8; 16][..]));
+        doc.put("k", "v").expect("a change");
+        let state = state_of(&mut doc);
+        let heads = state.heads.to_vec();
+        let record = Arc::new(JobRecord::default());
+        let states = SharedStates::default();
+        let frozen =
+            || Frozen::new(state.bytes.to_vec(), state.heads.to_vec(), state.hashes.to_vec(), 0, record.clone());
+        let shared = share(Some(&states), frozen());
+        let found = lookup::<JobRecord>(Some(&states), &heads).expect("shared state is found");
+        assert!(Arc::ptr_eq(&shared, &found));
+        assert!(lookup::<JobRecord>(Some(&SharedStates::default()), &heads).is_none(), "memos are separate");
+        assert!(lookup::<JobRecord>(None, &heads).is_none(), "a table sharing nothing finds nothing");
+        let again = share(Some(&states), frozen());
+        assert!(Arc::ptr_eq(&shared, &again), "sharing a state held already returns the held one");
+        drop((shared, found, again));
+        assert!(lookup::<JobRecord>(Some(&states), &heads).is_none(), "a state no table holds is forgotten");
+    }
+}
