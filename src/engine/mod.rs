@@ -649,9 +649,16 @@ impl Engine {
                 // up to date to find that out was most of a 1,000-node simulation's time (every
                 // node wakes once per job). The sweep evaluates it within
                 // `deferred_sweep_ms`, which bounds the delay when the change was another.
-                // Only for a single instance: with more, the change may concern another one.
-                let single = self.cache.get(&job).is_some_and(|c| c.instances.len() == 1);
-                if single && self.table.holds_changes(&job) && !self.has_claim(&job) && !self.has_local_work(&job) {
+                // With more instances, a change may concern another one: the wake is left to
+                // the sweep only when at least one change arrived per instance that was
+                // pending (each a claim, most likely). Multi-instance jobs (two thirds of the
+                // simulator's workload) woke every node up to once per instance, and those
+                // evaluations were most of a 1,000-node run.
+                let pending = self.cache.get(&job).map_or(usize::MAX, |c| {
+                    c.instances.iter().filter(|(s, _)| *s == InstanceStatus::Pending).count().max(1)
+                });
+                let claimed_since = self.table.held_changes(&job) >= pending;
+                if claimed_since && !self.has_claim(&job) && !self.has_local_work(&job) {
                     self.counters.wakes_left_to_sweep += 1;
                     continue;
                 }
