@@ -197,6 +197,8 @@ pub struct RunResult {
     pub claims_written: u64,
     /// Fault episodes injected, by kind.
     pub faults_injected: BTreeMap<String, usize>,
+    /// The main structures' sizes at rest, summed over the nodes up at the end.
+    pub footprint_at_rest: colony::engine::Footprint,
 }
 
 impl RunResult {
@@ -472,15 +474,7 @@ impl Sim {
                 n.disk.snapshot.as_ref().map_or(0, Vec::len) + n.disk.records.iter().map(|r| r.len()).sum::<usize>();
             records += n.disk.records.len();
             if let Some(e) = &n.engine {
-                let f = e.footprint();
-                t.job_documents += f.job_documents;
-                t.live_job_documents += f.live_job_documents;
-                t.cold_bytes += f.cold_bytes;
-                t.tombstones += f.tombstones;
-                t.sync_sessions += f.sync_sessions;
-                t.cached_jobs += f.cached_jobs;
-                t.pending_since += f.pending_since;
-                t.timers += f.timers;
+                t += e.footprint();
             }
         }
         format!(
@@ -1021,7 +1015,9 @@ impl Sim {
         self.result.virtual_ms = self.now;
         self.result.claims_written =
             self.nodes.iter().filter_map(|n| n.engine.as_ref()).map(|e| e.counters().claims).sum();
-
+        for engine in self.nodes.iter().filter_map(|n| n.engine.as_ref()) {
+            self.result.footprint_at_rest += engine.footprint();
+        }
         self.result
     }
 }

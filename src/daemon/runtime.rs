@@ -524,7 +524,7 @@ impl Runtime {
                     tracing::trace!(to = %to, kind = message.kind(), "send");
                     self.send(&to, message.encode())
                 }
-                Output::StartTask(start) => self.start_task(start),
+                Output::StartTask(start) => self.start_task(*start),
                 Output::StopTask { task } => match self.running.get(&task) {
                     Some(running) => {
                         tracing::info!(task = %task, driver = %running.driver, "stopping task");

@@ -74,8 +74,8 @@ pub enum Output {
         /// The message.
         message: Message,
     },
-    /// Start running an instance.
-    StartTask(TaskStart),
+    /// Start running an instance (boxed: the largest output by far, and queues hold many sends).
+    StartTask(Box<TaskStart>),
     /// Stop a task started earlier; its exit is still reported with `handle_task_exited`.
     StopTask {
         /// The task.
@@ -165,6 +165,16 @@ struct LocalTask {
     stopping: Option<&'static str>,
 }
 
+/// Since when this node has seen one attempt of one instance pending (see `try_claim`).
+#[derive(Debug, Clone, Copy)]
+struct PendingSince {
+    index: u32,
+    attempt: u32,
+    since_ms: u64,
+    /// Claims on the attempt when it was first seen pending with this many.
+    claimants: u32,
+}
+
 #[derive(Debug, Clone, Default, PartialEq)]
 struct JobCache {
     status: Option<JobStatus>,
@@ -172,8 +182,10 @@ struct JobCache {
     allocation: Vec<(NodeId, Resources)>,
     priority: i32,
     finished_at_ms: Option<u64>,
-    /// Nodes with a claim or a run in the job: their state decides its winners and status.
-    participants: BTreeSet<NodeId>,
+    /// Nodes with a claim or a run in the job, sorted and distinct: their state decides its
+    /// winners and status. A vector, not a set: it holds one to three nodes, and a set's node
+    /// cost about 300 bytes per job on every node.
+    participants: Vec<NodeId>,
 }
 
 /// Sizes of a node's main structures (see [`Engine::footprint`]).
@@ -191,10 +203,29 @@ pub struct Footprint {
     pub sync_sessions: usize,
     /// Jobs in the evaluation cache.
     pub cached_jobs: usize,
-    /// Pending instances this node is backing off on.
+    /// Pending instances this node is backing off on: only the current attempt of an instance
+    /// pending in this node's view. At rest, only in deferred jobs holding changes not yet
+    /// looked at (the sweep's next round).
     pub pending_since: usize,
+    /// Deferred jobs holding changes not yet applied.
+    pub deferred_with_changes: usize,
     /// Armed timers.
     pub timers: usize,
+}
+
+impl std::ops::AddAssign for Footprint {
+    /// Field by field: totals over many nodes.
+    fn add_assign(&mut self, o: Footprint) {
+        self.job_documents += o.job_documents;
+        self.live_job_documents += o.live_job_documents;
+        self.cold_bytes += o.cold_bytes;
+        self.tombstones += o.tombstones;
+        self.sync_sessions += o.sync_sessions;
+        self.cached_jobs += o.cached_jobs;
+        self.pending_since += o.pending_since;
+        self.deferred_with_changes += o.deferred_with_changes;
+        self.timers += o.timers;
+    }
 }
 
 /// Counters for metrics and the simulator's checkers.
@@ -232,7 +263,9 @@ pub struct Engine {
     peers: BTreeSet<NodeId>,
     claims: BTreeMap<(JobId, u32), MyClaim>,
     tasks: BTreeMap<TaskId, LocalTask>,
-    pending_since: BTreeMap<(JobId, u32, u32), (u64, u32)>,
+    /// Per job: (instance, attempt) → (when first seen pending, claims on it then). Only the
+    /// current attempt of a pending instance has an entry.
+    pending_since: BTreeMap<JobId, Vec<PendingSince>>,
     timers: BTreeSet<(u64, JobId)>,
     dirty: BTreeSet<JobId>,
     waiting_for_capacity: BTreeSet<JobId>,
@@ -467,7 +500,8 @@ impl Engine {
             tombstones: self.table.tombstone_count(),
             sync_sessions: self.sessions.len(),
             cached_jobs: self.cache.len(),
-            pending_since: self.pending_since.len(),
+            pending_since: self.pending_since.values().map(Vec::len).sum(),
+            deferred_with_changes: self.table.deferred_with_changes().count(),
             timers: self.timers.len(),
         }
     }
@@ -490,7 +524,20 @@ impl Engine {
 
     /// The next output, in order.
     pub fn poll_output(&mut self) -> Option<Output> {
-        self.outputs.pop_front()
+        let output = self.outputs.pop_front();
+        let keep = self.queue_keep();
+        if output.is_none() && self.outputs.capacity() > keep {
+            // A sync round or a burst of changes can queue thousands of sends; keeping that
+            // peak for the node's life cost 0.5 MB per node at 150 nodes. One push to every
+            // peer is the steady state, kept to avoid regrowing it on every step.
+            self.outputs.shrink_to(keep);
+        }
+        output
+    }
+
+    /// Capacity a drained output or send queue keeps: room for a push to every peer.
+    fn queue_keep(&self) -> usize {
+        2 * self.peers.len() + 16
     }
 
     /// When `handle_timeout` should next be called.
@@ -970,6 +1017,8 @@ impl Engine {
         for (to, message) in self.sends.drain(..) {
             self.outputs.push_back(Output::Send { to, message });
         }
+        let keep = self.queue_keep();
+        self.sends.shrink_to(keep);
         self.outputs.extend(self.task_outputs.drain(..));
         for event in self.events.drain(..) {
             self.outputs.push_back(Output::Event(event));
@@ -994,8 +1043,10 @@ impl Engine {
         let stopped = !record.stops.is_empty();
         let status = rules::job_status(stopped, &views);
         let finished_at_ms = status.is_terminal().then(|| rules::finished_at_ms(record));
-        let participants: BTreeSet<NodeId> =
+        let mut participants: Vec<NodeId> =
             record.claims.keys().map(|(_, n)| n).chain(record.runs.keys().map(|(_, _, n)| n)).cloned().collect();
+        participants.sort_unstable();
+        participants.dedup();
         // Claims written on each instance's current attempt, valid or not (see `try_claim`).
         let claimants: Vec<u32> = views
             .iter()
@@ -1024,6 +1075,15 @@ impl Engine {
         }
     }
 
+    fn retain_pending_since(&mut self, job: &str, keep: impl Fn(&PendingSince) -> bool) {
+        if let Some(entries) = self.pending_since.get_mut(job) {
+            entries.retain(keep);
+            if entries.is_empty() {
+                self.pending_since.remove(job);
+            }
+        }
+    }
+
     fn has_claim(&self, job: &str) -> bool {
         self.claims.range((job.to_string(), 0)..=(job.to_string(), u32::MAX)).next().is_some()
     }
@@ -1035,7 +1095,7 @@ impl Engine {
         status: JobStatus,
         views: &[InstanceView],
         finished_at_ms: Option<u64>,
-        participants: BTreeSet<NodeId>,
+        participants: Vec<NodeId>,
     ) {
         let instances: Vec<(InstanceStatus, Option<NodeId>)> =
             views.iter().map(|v| (v.status, v.owner.clone())).collect();
@@ -1100,6 +1160,11 @@ impl Engine {
             .map(|(id, _)| id.clone());
         let i_own = view.owner.as_deref() == Some(self.id.as_str());
 
+        // Only the current attempt of a pending instance needs to know since when it is
+        // pending. Kept for every instance and attempt ever seen, it was one entry per instance
+        // on every node, for as long as the job was held.
+        let current = (view.status == InstanceStatus::Pending && !stopped).then_some(view.attempt);
+        self.retain_pending_since(job, |p| p.index != view.index || Some(p.attempt) == current);
         if stopped || view.status.is_terminal() {
             if let Some(task) = my_task {
                 let reason = if stopped { "stopped" } else { "superseded" };
@@ -1206,11 +1271,22 @@ impl Engine {
         let position = self.rank_position(job, spec, view);
         // When we first saw the instance pending with this many claims on its attempt: a claim
         // that stops counting (its node certified dead, or withdrawn) makes it pending anew.
-        let seen = self.pending_since.entry((job.to_string(), view.index, view.attempt)).or_insert((now_ms, claimants));
-        if seen.1 != claimants {
-            *seen = (now_ms, claimants);
+        let entries = match self.pending_since.get_mut(job) {
+            Some(entries) => entries,
+            None => self.pending_since.entry(job.to_string()).or_default(),
+        };
+        let at = match entries.iter().position(|p| p.index == view.index && p.attempt == view.attempt) {
+            Some(at) => at,
+            None => {
+                entries.push(PendingSince { index: view.index, attempt: view.attempt, since_ms: now_ms, claimants });
+                entries.len() - 1
+            }
+        };
+        let seen = &mut entries[at];
+        if seen.claimants != claimants {
+            (seen.since_ms, seen.claimants) = (now_ms, claimants);
         }
-        let first_seen = seen.0;
+        let first_seen = seen.since_ms;
         // The back-off counts from a moment every node agrees on where there is one (the
         // submission, or the end of a restart delay), so a node that hears of the job late
         // does not claim at the same moment as a worse-ranked node that heard early. A clock
@@ -1238,7 +1314,7 @@ impl Engine {
         let claim = Claim { attempt: view.attempt, boot: self.boot, at_ms: now_ms };
         self.table.write_claim(job, view.index, &claim);
         self.counters.claims += 1;
-        self.pending_since.remove(&(job.to_string(), view.index, view.attempt));
+        self.retain_pending_since(job, |p| p.index != view.index);
         self.claims.insert(
             (job.to_string(), view.index),
             MyClaim { attempt: view.attempt, at_ms: now_ms, resources: spec.resources, started: false },
@@ -1299,13 +1375,13 @@ impl Engine {
             LocalTask { job: job.to_string(), index, attempt, started_ms: now_ms, stopping: None },
         );
         self.counters.tasks_started += 1;
-        self.task_outputs.push(Output::StartTask(TaskStart {
+        self.task_outputs.push(Output::StartTask(Box::new(TaskStart {
             task,
             job: job.to_string(),
             index,
             attempt,
             spec: spec.clone(),
-        }));
+        })));
     }
 
     fn stop_task(&mut self, task: &str, reason: &'static str) {
@@ -1336,8 +1412,8 @@ impl Engine {
     }
 
     /// Moves `job` in the `participating` index from the nodes `old` to the nodes `new`.
-    fn index_participants(&mut self, job: &str, old: &BTreeSet<NodeId>, new: &BTreeSet<NodeId>) {
-        for node in old.difference(new) {
+    fn index_participants(&mut self, job: &str, old: &[NodeId], new: &[NodeId]) {
+        for node in old.iter().filter(|n| new.binary_search(n).is_err()) {
             if let Some(jobs) = self.participating.get_mut(node) {
                 jobs.remove(job);
                 if jobs.is_empty() {
@@ -1345,7 +1421,7 @@ impl Engine {
                 }
             }
         }
-        for node in new.difference(old) {
+        for node in new.iter().filter(|n| old.binary_search(n).is_err()) {
             self.participating.entry(node.clone()).or_default().insert(job.to_string());
         }
     }
@@ -1356,20 +1432,13 @@ impl Engine {
         for key in claims {
             self.claims.remove(&key);
         }
-        let pending: Vec<(JobId, u32, u32)> = self
-            .pending_since
-            .range((job.to_string(), 0, 0)..=(job.to_string(), u32::MAX, u32::MAX))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in pending {
-            self.pending_since.remove(&key);
-        }
+        self.pending_since.remove(job);
         self.waiting_for_capacity.remove(job);
         if let Some(old) = self.cache.remove(job) {
             for (node, r) in &old.allocation {
                 self.release_allocation(node, *r);
             }
-            self.index_participants(job, &old.participants, &BTreeSet::new());
+            self.index_participants(job, &old.participants, &[]);
         }
         let tasks: Vec<TaskId> = self.tasks.iter().filter(|(_, t)| t.job == job).map(|(id, _)| id.clone()).collect();
         for task in tasks {
