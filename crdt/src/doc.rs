@@ -1,7 +1,7 @@
 //! One Automerge document holding a flat map of string keys to string values.
 //! This is the only module that touches Automerge.
 
-use crate::hash::stable_hash;
+use crate::hash::mix64;
 use automerge::sync::SyncDoc;
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, AutoCommit, Change, ChangeHash, ReadDoc, ScalarValueRef, ValueRef, ROOT};
@@ -21,14 +21,20 @@ pub struct SyncState(automerge::sync::State);
 
 /// A hash of a set of heads, in any order: equal on two nodes exactly when they hold the same
 /// history. Deferred documents compute it from change metadata, without applying.
+///
+/// Change hashes are SHA-256 digests, so their first 16 bytes are already uniform: each head
+/// is folded to 64 bits and the folds are summed (the sum does not depend on the order, so
+/// nothing is sorted or allocated). Deferred documents call this on every change they hold;
+/// at 1,000 nodes the sort-and-hash form was 5% of the simulator's time.
 pub(crate) fn heads_hash(heads: &[ChangeHash]) -> u64 {
-    let mut heads = heads.to_vec();
-    heads.sort();
-    let mut bytes = Vec::with_capacity(heads.len() * 32);
-    for h in &heads {
-        bytes.extend_from_slice(&h.0);
+    let mut sum: u64 = 0;
+    for h in heads {
+        let (a, b) = h.0.split_at(8);
+        let a = u64::from_le_bytes(a.try_into().expect("8 bytes"));
+        let b = u64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
+        sum = sum.wrapping_add(mix64(a ^ mix64(b)));
     }
-    stable_hash(&bytes)
+    mix64(sum ^ (heads.len() as u64).rotate_left(32))
 }
 
 /// Applies changes under `catch_unwind`: a peer's bytes must never crash the node (I7).

@@ -3,6 +3,7 @@
 
 use colony_crdt::{DocId, JobId, NodeId};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// A message between two node cores.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,8 +29,10 @@ pub enum Message {
     Changes {
         /// Which document.
         doc: DocId,
-        /// Automerge change bytes.
-        changes: Vec<Vec<u8>>,
+        /// Automerge change bytes. Shared: a push to every peer clones a pointer, not the
+        /// bytes (at 1,000 nodes copying each change 999 times was a tenth of the simulator's
+        /// time). The wire form is a plain sequence.
+        changes: Arc<[Vec<u8>]>,
     },
     /// Anti-entropy, step 1: the sender's per-bucket hashes.
     Digest {

@@ -25,6 +25,7 @@ use colony_crdt::{
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 use swim::Swim;
 
 /// Sync rounds in a row without the document moving before a session is abandoned. A normal
@@ -576,7 +577,10 @@ impl Engine {
         // cheapest way (gossip would move each several times).
         let changes = self.table.own_node_changes();
         if !changes.is_empty() {
-            self.sends.push((peer.to_string(), Message::Changes { doc: DocId::Node(self.id.clone()), changes }));
+            self.sends.push((
+                peer.to_string(),
+                Message::Changes { doc: DocId::Node(self.id.clone()), changes: changes.into() },
+            ));
         }
         // A new peer is the likeliest to differ (see EAGER_ROUNDS). These rounds come on top
         // of the regular ones, so a stream of new peers cannot starve the established ones.
@@ -1009,6 +1013,7 @@ impl Engine {
                 grouped.entry(doc).or_default().push(change);
             }
             for (doc, changes) in grouped {
+                let changes: Arc<[Vec<u8>]> = changes.into();
                 for peer in &self.peers {
                     self.sends.push((peer.clone(), Message::Changes { doc: doc.clone(), changes: changes.clone() }));
                 }
