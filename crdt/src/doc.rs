@@ -28,11 +28,9 @@ pub struct SyncState(automerge::sync::State);
 /// at 1,000 nodes the sort-and-hash form was 5% of the simulator's time.
 pub(crate) fn heads_hash(heads: &[ChangeHash]) -> u64 {
     let mut sum: u64 = 0;
+    let word = |bytes: &[u8]| u64::from_le_bytes(bytes.try_into().expect("8 bytes"));
     for h in heads {
-        let (a, b) = h.0.split_at(8);
-        let a = u64::from_le_bytes(a.try_into().expect("8 bytes"));
-        let b = u64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
-        sum = sum.wrapping_add(mix64(a ^ mix64(b)));
+        sum = sum.wrapping_add(mix64(word(&h.0[..8]) ^ mix64(word(&h.0[8..16]))));
     }
     mix64(sum ^ (heads.len() as u64).rotate_left(32))
 }

@@ -465,18 +465,24 @@ impl Sim {
         self.finish()
     }
 
+    /// The main structures' sizes, summed over the nodes up now.
+    fn footprint(&self) -> colony::engine::Footprint {
+        let mut total = colony::engine::Footprint::default();
+        for engine in self.nodes.iter().filter_map(|n| n.engine.as_ref()) {
+            total += engine.footprint();
+        }
+        total
+    }
+
     /// Totals over live nodes of what dominates memory: for finding what grows in long runs.
     fn memory_report(&self) -> String {
-        let mut t = colony::engine::Footprint::default();
         let (mut disk, mut records) = (0usize, 0usize);
         for n in &self.nodes {
             disk +=
                 n.disk.snapshot.as_ref().map_or(0, Vec::len) + n.disk.records.iter().map(|r| r.len()).sum::<usize>();
             records += n.disk.records.len();
-            if let Some(e) = &n.engine {
-                t += e.footprint();
-            }
         }
+        let t = self.footprint();
         format!(
             "disk {} MB in {} records; job docs {} ({} live), cold {} MB; tombstones {}; sync sessions {}; cached jobs {}; pending {}; timers {}; queued events {}",
             disk >> 20,
@@ -1015,9 +1021,7 @@ impl Sim {
         self.result.virtual_ms = self.now;
         self.result.claims_written =
             self.nodes.iter().filter_map(|n| n.engine.as_ref()).map(|e| e.counters().claims).sum();
-        for engine in self.nodes.iter().filter_map(|n| n.engine.as_ref()) {
-            self.result.footprint_at_rest += engine.footprint();
-        }
+        self.result.footprint_at_rest = self.footprint();
         self.result
     }
 }
