@@ -117,6 +117,11 @@ impl Doc {
         changes.iter().map(|b| Change::from_bytes(b.clone()).map_err(|e| DocError::Malformed(e.to_string()))).collect()
     }
 
+    /// Parses one change's bytes.
+    pub fn parse_change(bytes: &[u8]) -> Result<Change, DocError> {
+        Change::from_bytes(bytes.to_vec()).map_err(|e| DocError::Malformed(e.to_string()))
+    }
+
     /// Parses a sync message without touching any document.
     pub fn parse_sync(bytes: &[u8]) -> Result<automerge::sync::Message, DocError> {
         automerge::sync::Message::decode(bytes).map_err(|e| DocError::Malformed(e.to_string()))

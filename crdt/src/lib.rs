@@ -25,4 +25,4 @@ pub use records::{
 };
 pub use rules::{InstanceStatus, InstanceView, JobStatus, NodeState};
 pub use spec::{Constraint, ConstraintOp, JobKind, JobSpec, Resources, RestartPlacement, RestartPolicy, SpecError};
-pub use table::{Table, TableError, BUCKETS};
+pub use table::{SnapshotRecords, Table, TableError, BUCKETS};

@@ -89,9 +89,39 @@ struct Deferred {
     /// The heads the document will have once `pending` is applied.
     heads: Vec<ChangeHash>,
     /// Change bytes in causal order.
-    pending: Vec<Vec<u8>>,
+    pending: Vec<Held>,
     /// `pending[..persisted]` are already in a persist record.
     persisted: usize,
+}
+
+/// One held change's bytes, shared with the batch that brought it: a change pushed to every
+/// peer of a simulation is one allocation however many of them hold it (a copy per holder was
+/// the largest single use of memory at 400 nodes).
+#[derive(Clone)]
+struct Held {
+    batch: Arc<[Vec<u8>]>,
+    index: usize,
+}
+
+impl std::ops::Deref for Held {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.batch[self.index]
+    }
+}
+
+/// The bytes of `held`, one after another (raw change chunks load like an incremental save).
+fn concat(held: &[Held]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(held.iter().map(|h| h.len()).sum());
+    for h in held {
+        out.extend_from_slice(h);
+    }
+    out
+}
+
+fn parse_held(held: &[Held]) -> Result<Vec<automerge::Change>, DocError> {
+    held.iter().map(|h| Doc::parse_change(h)).collect()
 }
 
 impl<R: Default + Shared> Entry<R> {
@@ -190,6 +220,34 @@ enum PersistRecord {
 #[derive(Debug, Serialize, Deserialize)]
 struct Snapshot {
     records: Vec<PersistRecord>,
+}
+
+/// A snapshot of the table as its encoded persist records (see [`Table::snapshot_records`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SnapshotRecords(pub Vec<Vec<u8>>);
+
+impl SnapshotRecords {
+    /// The single-blob form that [`Table::restore`] takes as its snapshot: the record count,
+    /// then the records. Byte for byte the encoding of the list of records, so blobs written
+    /// before snapshots were kept as records load the same.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = encode(&self.0.len());
+        out.reserve(self.byte_len());
+        for record in &self.0 {
+            out.extend_from_slice(record);
+        }
+        out
+    }
+
+    /// Total bytes of the records.
+    pub fn byte_len(&self) -> usize {
+        self.0.iter().map(Vec::len).sum()
+    }
+
+    /// The length of [`SnapshotRecords::to_bytes`], without building it.
+    pub fn blob_len(&self) -> usize {
+        encode(&self.0.len()).len() + self.byte_len()
+    }
 }
 
 /// The replicated table as one node holds it.
@@ -616,12 +674,19 @@ impl Table {
     /// Applies changes pushed by a peer. Returns whether the document moved. A compacted job's
     /// changes are ignored (returns false). On error nothing changed.
     pub fn apply_changes(&mut self, doc_id: &DocId, changes: &[Vec<u8>]) -> Result<bool, TableError> {
+        self.apply_shared_changes(doc_id, &Arc::from(changes))
+    }
+
+    /// [`Table::apply_changes`] for changes in a shared batch (as a push message carries
+    /// them): a deferred document holds them without copying their bytes.
+    pub fn apply_shared_changes(&mut self, doc_id: &DocId, batch: &Arc<[Vec<u8>]>) -> Result<bool, TableError> {
+        let changes: &[Vec<u8>] = batch;
         let mut parsed = match &self.shared {
             Some(states) => states.parse(changes)?,
             None => Doc::parse_changes(changes)?,
         };
         if let DocId::Job(id) = doc_id {
-            if let Some(moved) = self.defer_changes(id, &mut parsed, changes) {
+            if let Some(moved) = self.defer_changes(id, &mut parsed, batch) {
                 return Ok(moved);
             }
         }
@@ -815,7 +880,7 @@ impl Table {
             (None, Some(f)) => f.load(&self.actor).ok()?,
             (None, None) => return Some(Cow::Borrowed(&*entry.record)),
         };
-        if let Ok(parsed) = Doc::parse_changes(&deferred.pending) {
+        if let Ok(parsed) = parse_held(&deferred.pending) {
             let _ = doc.apply_changes(parsed);
         }
         let entries = doc.entries();
@@ -871,7 +936,7 @@ impl Table {
                 entry.cold = Some(shared);
                 entry.log = None;
                 if !all_persisted {
-                    let bytes = deferred.pending[deferred.persisted..].concat();
+                    let bytes = concat(&deferred.pending[deferred.persisted..]);
                     self.raw_unsaved.push(encode(&PersistRecord::Doc { doc: doc_id.clone(), bytes }));
                 }
                 if notify {
@@ -897,7 +962,7 @@ impl Table {
         }
         // The bytes parsed when they arrived. Should Automerge refuse them now, the document
         // stays as it was and `after_change` makes the digest follow the document again.
-        if let (Ok(parsed), Some(doc)) = (Doc::parse_changes(&deferred.pending), entry.doc.as_mut()) {
+        if let (Ok(parsed), Some(doc)) = (parse_held(&deferred.pending), entry.doc.as_mut()) {
             let was_saved = doc.is_saved();
             // Just loaded from the bytes `log` holds: no protective copy (rebuilt on failure).
             let outcome = match &log {
@@ -934,7 +999,7 @@ impl Table {
     /// Holds `changes` in a deferred job's document. `Some(moved)` when they were taken (or
     /// all known already); `None` when the job is not deferred or a change depends on
     /// something the deferral does not know, and the caller applies them the usual way.
-    fn defer_changes(&mut self, job: &str, parsed: &mut [automerge::Change], bytes: &[Vec<u8>]) -> Option<bool> {
+    fn defer_changes(&mut self, job: &str, parsed: &mut [automerge::Change], batch: &Arc<[Vec<u8>]>) -> Option<bool> {
         let entry = self.jobs.get_mut(job)?;
         let deferred = entry.deferred.as_mut()?;
         let mut added: Vec<ChangeHash> = Vec::new();
@@ -943,7 +1008,7 @@ impl Table {
         };
         let mut heads = deferred.heads.clone();
         let mut new = Vec::new();
-        for (change, bytes) in parsed.iter_mut().zip(bytes) {
+        for (index, change) in parsed.iter_mut().enumerate() {
             let hash = change.hash();
             if known(&hash, &added) {
                 continue;
@@ -960,7 +1025,7 @@ impl Table {
             heads.retain(|h| !deps.contains(h));
             heads.push(hash);
             added.push(hash);
-            new.push(bytes.clone());
+            new.push(Held { batch: batch.clone(), index });
         }
         if new.is_empty() {
             return Some(false);
@@ -1124,7 +1189,7 @@ impl Table {
                 if let Some(entry) = self.jobs.get_mut(id).filter(|e| e.deferred.is_some()) {
                     if let Some(deferred) = entry.deferred.as_mut() {
                         if deferred.persisted < deferred.pending.len() {
-                            let bytes = deferred.pending[deferred.persisted..].concat();
+                            let bytes = concat(&deferred.pending[deferred.persisted..]);
                             deferred.persisted = deferred.pending.len();
                             out.push(encode(&PersistRecord::Doc { doc: doc_id.clone(), bytes }));
                         }
@@ -1150,28 +1215,37 @@ impl Table {
 
     /// The whole table, compactly: loading it alone restores this state.
     pub fn snapshot(&mut self) -> Vec<u8> {
+        self.snapshot_records().to_bytes()
+    }
+
+    /// The whole table as persist records, one per document and tombstone: replayed in order
+    /// like the log (see [`Table::restore`]), they restore this state. Two tables holding a
+    /// document in the same state produce the same record for it, so a store that keeps many
+    /// tables (the simulator's disks) can share them; [`SnapshotRecords::to_bytes`] is the
+    /// single-blob form.
+    pub fn snapshot_records(&mut self) -> SnapshotRecords {
         self.materialize_all();
-        let mut records = Vec::new();
+        let mut records = Vec::with_capacity(self.nodes.len() + self.jobs.len() + self.tombstone_order.len());
         for (id, e) in &mut self.nodes {
-            records.push(PersistRecord::Doc { doc: DocId::Node(id.clone()), bytes: e.save() });
+            records.push(encode(&PersistRecord::Doc { doc: DocId::Node(id.clone()), bytes: e.save() }));
         }
         for (id, e) in &mut self.jobs {
-            records.push(PersistRecord::Doc { doc: DocId::Job(id.clone()), bytes: e.save() });
+            records.push(encode(&PersistRecord::Doc { doc: DocId::Job(id.clone()), bytes: e.save() }));
         }
         for (at_ms, job) in &self.tombstone_order {
-            records.push(PersistRecord::Compacted { job: job.clone(), at_ms: *at_ms });
+            records.push(encode(&PersistRecord::Compacted { job: job.clone(), at_ms: *at_ms }));
         }
         self.unsaved.clear();
         self.compacted_unsaved.clear();
         self.raw_unsaved.clear();
-        encode(&Snapshot { records })
+        SnapshotRecords(records)
     }
 
     /// The size a snapshot would have now, without disturbing persistence (for measurements;
     /// it copies every document, so it is slow).
     pub fn measure_snapshot_len(&self) -> usize {
         fn len<R>(e: &Entry<R>) -> usize {
-            let held = e.deferred.as_ref().map_or(0, |d| d.pending.iter().map(Vec::len).sum());
+            let held = e.deferred.as_ref().map_or(0, |d| d.pending.iter().map(|h| h.len()).sum());
             held + match (&e.doc, &e.cold) {
                 (Some(doc), _) => doc.save_copy_len(),
                 (None, Some(f)) => f.bytes.len(),
@@ -1218,4 +1292,37 @@ impl Table {
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // INVARIANT: postcard serialization of our own plain data types cannot fail.
     postcard::to_stdvec(value).expect("postcard encodes plain data")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Snapshot blobs written before snapshots were kept as records (the encoding of the
+    /// list of records) are what `to_bytes` writes now, so old stores load unchanged.
+    #[test]
+    fn snapshot_blob_is_the_encoded_list_of_records() {
+        let records = [
+            PersistRecord::Doc { doc: DocId::Job("j1".into()), bytes: vec![1, 2, 3] },
+            PersistRecord::Compacted { job: "j0".into(), at_ms: 7 },
+        ];
+        let old = encode(&Snapshot { records: records.iter().map(clone_record).collect() });
+        let new = SnapshotRecords(records.iter().map(encode).collect());
+        assert_eq!(new.to_bytes(), old);
+        assert_eq!(new.blob_len(), old.len());
+        // 200 records: a count that takes two bytes.
+        let many: Vec<PersistRecord> =
+            (0..200).map(|i| PersistRecord::Compacted { job: format!("j{i}"), at_ms: i }).collect();
+        let old = encode(&Snapshot { records: many.iter().map(clone_record).collect() });
+        let new = SnapshotRecords(many.iter().map(encode).collect());
+        assert_eq!(new.to_bytes(), old);
+        assert_eq!(new.blob_len(), old.len());
+    }
+
+    fn clone_record(r: &PersistRecord) -> PersistRecord {
+        match r {
+            PersistRecord::Doc { doc, bytes } => PersistRecord::Doc { doc: doc.clone(), bytes: bytes.clone() },
+            PersistRecord::Compacted { job, at_ms } => PersistRecord::Compacted { job: job.clone(), at_ms: *at_ms },
+        }
+    }
 }

@@ -515,8 +515,8 @@ impl Runtime {
                         failure.get_or_insert(e);
                     }
                 }
-                Output::Snapshot(bytes) => {
-                    if let Err(e) = self.snapshot(bytes).await {
+                Output::Snapshot(records) => {
+                    if let Err(e) = self.snapshot(records.to_bytes()).await {
                         failure.get_or_insert(e);
                     }
                 }

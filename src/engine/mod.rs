@@ -20,7 +20,7 @@ pub use views::{InstanceJson, JobJson, NodeJson, RunJson};
 use colony_crdt::rules::{self, evaluate_instance, InstanceView, JobStatus, NodeState};
 use colony_crdt::{
     Claim, DocId, InstanceStatus, JobHeader, JobId, JobSpec, NodeId, NodeInfo, NodeMode, Resources, RestartPlacement,
-    Run, RunStatus, SharedStates, SpecError, StopRequest, SyncState, Table, TableError, BUCKETS,
+    Run, RunStatus, SharedStates, SnapshotRecords, SpecError, StopRequest, SyncState, Table, TableError, BUCKETS,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -67,7 +67,9 @@ pub enum Output {
     /// Append these records to durable storage.
     Persist(Vec<Vec<u8>>),
     /// Replace durable storage with this snapshot (the records before it are folded in).
-    Snapshot(Vec<u8>),
+    /// [`SnapshotRecords::to_bytes`] is the blob [`Engine::new`] restores from; a store may
+    /// also keep the records and hand them back as the first of the log's.
+    Snapshot(SnapshotRecords),
     /// Send `message` to `to`; delivery is best effort.
     Send {
         /// The peer.
@@ -631,7 +633,7 @@ impl Engine {
                 let relay_seq = self.swim.start_relay(now_ms, from, seq);
                 self.sends.push((target, Message::Ping { seq: relay_seq }));
             }
-            Message::Changes { doc, changes } => match self.table.apply_changes(&doc, &changes) {
+            Message::Changes { doc, changes } => match self.table.apply_shared_changes(&doc, &changes) {
                 Ok(_) => {}
                 Err(_) => self.counters.bad_messages += 1,
             },
@@ -1000,8 +1002,8 @@ impl Engine {
         }
         let threshold = self.config.limits.snapshot_after_bytes.max(self.last_snapshot_len * 2);
         if self.persisted_since_snapshot > threshold {
-            let snapshot = self.table.snapshot();
-            self.last_snapshot_len = snapshot.len();
+            let snapshot = self.table.snapshot_records();
+            self.last_snapshot_len = snapshot.blob_len();
             self.persisted_since_snapshot = 0;
             self.outputs.push_back(Output::Snapshot(snapshot));
         }
