@@ -53,6 +53,12 @@ pub(crate) struct Doc {
     /// rather than in Automerge's own cursor so a caller that persisted changes itself (raw
     /// bytes) can move it without encoding them again ([`Doc::mark_saved`]).
     saved: Vec<ChangeHash>,
+    /// When `Some`: the chunks of exactly the changes applied or committed since `saved`, in
+    /// the order they were. [`Doc::save_incremental`] returns them instead of encoding the
+    /// changes anew (Automerge loads change chunks like an incremental save); a change that
+    /// came in by sync or by loading makes it `None`, and the next incremental save encodes.
+    /// Re-encoding a change just received was about a tenth of a 1,000-node simulation.
+    unsaved_raw: Option<Vec<u8>>,
     /// Changes received before their dependencies, applied once those arrive (see
     /// [`Doc::apply_changes`]).
     waiting: Vec<(ChangeHash, Change)>,
@@ -81,7 +87,12 @@ impl std::fmt::Debug for Doc {
 
 impl Doc {
     pub fn new(actor: &ActorId) -> Doc {
-        Doc { am: Box::new(AutoCommit::new().with_actor(actor.clone())), saved: Vec::new(), waiting: Vec::new() }
+        Doc {
+            am: Box::new(AutoCommit::new().with_actor(actor.clone())),
+            saved: Vec::new(),
+            unsaved_raw: Some(Vec::new()),
+            waiting: Vec::new(),
+        }
     }
 
     /// Loads a document saved with [`Doc::save`], writing as `actor` from now on.
@@ -90,7 +101,7 @@ impl Doc {
         // The incremental-save point is what was loaded: it is already on disk. (Moving
         // Automerge's own cursor would encode the whole history once more.)
         let saved = am.get_heads();
-        Ok(Doc { am: Box::new(am), saved, waiting: Vec::new() })
+        Ok(Doc { am: Box::new(am), saved, unsaved_raw: Some(Vec::new()), waiting: Vec::new() })
     }
 
     /// A copy to read from (and write to as `actor`), leaving this one untouched.
@@ -98,6 +109,7 @@ impl Doc {
         Doc {
             am: Box::new(self.am.as_ref().clone().with_actor(actor.clone())),
             saved: self.saved.clone(),
+            unsaved_raw: self.unsaved_raw.clone(),
             waiting: self.waiting.clone(),
         }
     }
@@ -150,7 +162,12 @@ impl Doc {
         // A fixed timestamp: the change bytes (and so the heads and the digest) must not
         // depend on a clock.
         self.am.commit_with(CommitOptions::default().with_time(0))?;
-        self.am.get_last_local_change().map(|c| c.raw_bytes().to_vec())
+        let bytes = self.am.get_last_local_change().map(|c| c.raw_bytes().to_vec());
+        match (&mut self.unsaved_raw, &bytes) {
+            (Some(raw), Some(b)) => raw.extend_from_slice(b),
+            (raw, _) => *raw = None,
+        }
+        bytes
     }
 
     fn conflicts(&self, key: &str) -> usize {
@@ -195,9 +212,11 @@ impl Doc {
             return Ok(false);
         }
         let before = self.am.get_heads();
+        let raw = self.unsaved_raw.is_some().then(|| raw_chunks(&ready.apply));
         let mut copy = self.am.clone();
         apply_caught(&mut copy, ready.apply)?;
         self.am = copy;
+        self.note_applied(raw);
         self.waiting.retain(|(h, _)| !ready.unlocked.contains(h));
         self.add_waiting(ready.wait);
         Ok(self.am.get_heads() != before)
@@ -215,10 +234,20 @@ impl Doc {
             return Ok(false);
         }
         let before = self.am.get_heads();
+        let raw = self.unsaved_raw.is_some().then(|| raw_chunks(&ready.apply));
         apply_caught(&mut self.am, ready.apply)?;
+        self.note_applied(raw);
         self.waiting.retain(|(h, _)| !ready.unlocked.contains(h));
         self.add_waiting(ready.wait);
         Ok(self.am.get_heads() != before)
+    }
+
+    /// After `apply_caught` succeeded: the applied changes' chunks join the unsaved ones.
+    fn note_applied(&mut self, raw: Option<Vec<u8>>) {
+        match (&mut self.unsaved_raw, raw) {
+            (Some(unsaved), Some(raw)) => unsaved.extend_from_slice(&raw),
+            (unsaved, _) => *unsaved = None,
+        }
     }
 
     /// Splits `changes` and the changes already waiting into those this document can apply
@@ -307,6 +336,7 @@ impl Doc {
     pub fn save(&mut self) -> Vec<u8> {
         let bytes = self.am.save();
         self.saved = self.am.get_heads();
+        self.unsaved_raw = Some(Vec::new());
         bytes
     }
 
@@ -321,7 +351,10 @@ impl Doc {
         if heads == self.saved {
             return Vec::new();
         }
-        let bytes = self.am.save_after(&self.saved);
+        let bytes = match self.unsaved_raw.replace(Vec::new()) {
+            Some(raw) if !raw.is_empty() => raw,
+            _ => self.am.save_after(&self.saved),
+        };
         self.saved = heads;
         bytes
     }
@@ -335,10 +368,12 @@ impl Doc {
     /// the changes applied since the last save itself.
     pub fn mark_saved(&mut self) {
         self.saved = self.am.get_heads();
+        self.unsaved_raw = Some(Vec::new());
     }
 
     /// Loads bytes from `save`/`save_incremental` into this document.
     pub fn load_incremental(&mut self, bytes: &[u8]) -> Result<(), DocError> {
+        self.unsaved_raw = None;
         self.am.load_incremental(bytes).map(|_| ()).map_err(|e| DocError::Malformed(e.to_string()))
     }
 
@@ -358,10 +393,20 @@ impl Doc {
             Ok(Ok(())) => {
                 self.am = copy;
                 *state = state_copy;
+                self.unsaved_raw = None;
                 Ok(self.am.get_heads() != before)
             }
             Ok(Err(e)) => Err(DocError::Malformed(e.to_string())),
             Err(_) => Err(DocError::Malformed("automerge panicked on this sync message".into())),
         }
     }
+}
+
+/// The chunks of `changes`, one after another.
+fn raw_chunks(changes: &[Change]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(changes.iter().map(|c| c.raw_bytes().len()).sum());
+    for change in changes {
+        out.extend_from_slice(change.raw_bytes());
+    }
+    out
 }
