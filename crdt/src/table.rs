@@ -1030,6 +1030,9 @@ impl Table {
         if new.is_empty() {
             return Some(false);
         }
+        // A job is in `deferred_pending` exactly while its deferral holds changes: only the
+        // first held change adds it (a B-tree insert per push was 5% of a 1,000-node run).
+        let first = deferred.pending.is_empty();
         deferred.added.extend(added);
         deferred.pending.extend(new);
         let doc_id = DocId::Job(job.to_string());
@@ -1038,7 +1041,9 @@ impl Table {
         deferred.heads = heads;
         self.buckets[bucket_of(&doc_id)] ^= old ^ entry.hash;
         self.unsaved.insert(doc_id);
-        self.deferred_pending.insert(job.to_string());
+        if first {
+            self.deferred_pending.insert(job.to_string());
+        }
         Some(true)
     }
 

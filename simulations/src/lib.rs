@@ -910,6 +910,16 @@ impl Sim {
             }
         }
         self.trace(|| format!("fault {} for {duration} ms", fault.name()));
+        if self.config.progress {
+            // A run's speed changes with its faults: say when each comes and goes.
+            eprintln!(
+                "seed {}: fault {} from virtual {:.1} s for {:.1} s",
+                self.config.seed,
+                fault.name(),
+                self.now as f64 / 1000.0,
+                duration as f64 / 1000.0
+            );
+        }
         self.active_faults.insert(episode, (fault, touched));
         self.schedule(self.now + duration, Ev::FaultEnd { episode });
     }
