@@ -5,6 +5,20 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Tells mimalloc to keep freed memory instead of returning it to the OS after 10 ms (its
+/// `purge_delay`). A simulation frees and allocates gigabytes over and over; purged pages
+/// came back through page faults and the kernel zeroing them (5% of a 400-node run in perf),
+/// and 400 nodes x 1,000 jobs ran about 8% faster without purging, at the same peak RSS.
+#[allow(unsafe_code)] // The workspace's one FFI call, in the simulator binary only.
+fn keep_freed_memory() {
+    // The bindings name `mi_option_use_numa_nodes` but not `mi_option_purge_delay`, which
+    // comes right before it in mimalloc.h (v2 and v3 alike).
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = libmimalloc_sys::mi_option_use_numa_nodes - 1;
+    // SAFETY: called first thing in `main`, before any other thread exists (the option is
+    // not thread safe to set); it only changes when freed pages are returned to the OS.
+    unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) };
+}
+
 use colony_sim::{Fault, RunResult, Sim, SimConfig};
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -110,6 +124,7 @@ struct Summary {
 }
 
 fn main() {
+    keep_freed_memory();
     let cli = Cli::parse();
     let args = match cli.command {
         Command::Run(args) => args,
