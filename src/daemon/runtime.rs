@@ -25,8 +25,8 @@ use super::storage::{StorageError, Store};
 use super::tasks::{self, CancelToken, Canceller, Driver, ExecDriver, TaskContext, TaskOutcome};
 use crate::engine::{Engine, Event, Output, TaskStart};
 use crate::node::{Error, Health};
-use colony_crdt::JobSpec;
-use colony_net::{NetError, NetEvent, NetHandle, PeerId};
+use colony_crdt::{JobSpec, NodeState};
+use colony_net::{Multiaddr, NetError, NetEvent, NetHandle, PeerId};
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
@@ -50,6 +50,11 @@ pub const LEAVE_FLUSH: Duration = Duration::from_millis(250);
 pub const LOG_GC_INTERVAL: Duration = Duration::from_secs(60);
 /// Log files younger than this are never removed (a job may not have reached the table yet).
 const LOG_GC_MIN_AGE: Duration = Duration::from_secs(60);
+/// How often the table's live members are compared with the connections (`dial_members`).
+const MEMBER_DIAL_TICK: Duration = Duration::from_secs(1);
+/// First and longest wait between dials of one unconnected member.
+const MEMBER_DIAL_MIN: Duration = Duration::from_secs(2);
+const MEMBER_DIAL_MAX: Duration = Duration::from_secs(60);
 /// Bad messages from peers logged at `warn`; later ones only at `debug` (a hostile peer
 /// must not flood the log).
 const LOUD_BAD_MESSAGES: u64 = 20;
@@ -210,6 +215,10 @@ pub(crate) struct Runtime {
     started: Instant,
     leaving: Option<Leaving>,
     next_log_gc: Instant,
+    next_member_dial: Instant,
+    /// Members dialled from the table and not connected since: when to try again, and the
+    /// wait after that.
+    member_dials: HashMap<PeerId, (Instant, Duration)>,
     _scratch: Option<RemoveDirOnDrop>,
 }
 
@@ -261,6 +270,8 @@ impl Runtime {
             started: Instant::now(),
             leaving: None,
             next_log_gc: Instant::now() + LOG_GC_INTERVAL,
+            next_member_dial: Instant::now() + MEMBER_DIAL_TICK,
+            member_dials: HashMap::new(),
             _scratch: parts.scratch,
         }
     }
@@ -347,6 +358,55 @@ impl Runtime {
         }
         if Instant::now() >= self.next_log_gc {
             self.collect_logs();
+        }
+        if Instant::now() >= self.next_member_dial {
+            self.dial_members();
+        }
+    }
+
+    /// Dials the members the table holds alive (or suspect) that this node has no connection
+    /// to, at the addresses their node documents list, backing off per member from
+    /// `MEMBER_DIAL_MIN` to `MEMBER_DIAL_MAX`. Discovery (seeds, mDNS, Kademlia) connects them
+    /// first almost always; this covers what it misses. Two agents that join through the
+    /// same seed learn of each other from Kademlia only if one of them bootstraps after the
+    /// other has joined the seed, else at the next bootstrap 30 s later, while the table
+    /// (through the seed) already knows both: the three-agent mesh of `tests/embed.rs` timed
+    /// out on that about one run in ten.
+    fn dial_members(&mut self) {
+        let now = Instant::now();
+        self.next_member_dial = now + MEMBER_DIAL_TICK;
+        let connected = &self.connected;
+        self.member_dials.retain(|peer, _| !connected.contains(peer));
+        let me = self.engine.id().clone();
+        let table = self.engine.table();
+        let mut dials: Vec<Multiaddr> = Vec::new();
+        for (id, record) in table.nodes() {
+            if *id == me || !matches!(table.node_state(id), NodeState::Alive | NodeState::Suspect) {
+                continue;
+            }
+            let (Ok(peer), Some(info)) = (PeerId::from_str(id), record.info.as_ref()) else { continue };
+            if self.connected.contains(&peer) {
+                continue;
+            }
+            let (next, wait) = self.member_dials.entry(peer).or_insert((now, MEMBER_DIAL_MIN));
+            if now < *next {
+                continue;
+            }
+            *next = now + *wait;
+            *wait = (*wait * 2).min(MEMBER_DIAL_MAX);
+            for addr in &info.addrs {
+                // With the peer id appended the network task dials only a disconnected peer
+                // it is not dialling already, and checks that the right node answers.
+                if let Ok(addr) = Multiaddr::from_str(addr) {
+                    dials.push(addr.with_p2p(peer).unwrap_or_else(|a| a));
+                }
+            }
+        }
+        for addr in dials {
+            tracing::debug!(%addr, "dialling a member the table knows and discovery did not connect");
+            if let Err(e) = self.net.dial(addr) {
+                tracing::debug!(error = %e, "member dial not queued");
+            }
         }
     }
 
