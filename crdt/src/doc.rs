@@ -125,13 +125,11 @@ impl Doc {
     }
 
     /// Parses change bytes without touching any document.
-    pub fn parse_changes(changes: &[Vec<u8>]) -> Result<Vec<Change>, DocError> {
-        changes.iter().map(|b| Change::from_bytes(b.clone()).map_err(|e| DocError::Malformed(e.to_string()))).collect()
-    }
-
-    /// Parses one change's bytes.
-    pub fn parse_change(bytes: &[u8]) -> Result<Change, DocError> {
-        Change::from_bytes(bytes.to_vec()).map_err(|e| DocError::Malformed(e.to_string()))
+    pub fn parse_changes<B: AsRef<[u8]>>(changes: &[B]) -> Result<Vec<Change>, DocError> {
+        changes
+            .iter()
+            .map(|b| Change::from_bytes(b.as_ref().to_vec()).map_err(|e| DocError::Malformed(e.to_string())))
+            .collect()
     }
 
     /// Parses a sync message without touching any document.
@@ -163,10 +161,7 @@ impl Doc {
         // depend on a clock.
         self.am.commit_with(CommitOptions::default().with_time(0))?;
         let bytes = self.am.get_last_local_change().map(|c| c.raw_bytes().to_vec());
-        match (&mut self.unsaved_raw, &bytes) {
-            (Some(raw), Some(b)) => raw.extend_from_slice(b),
-            (raw, _) => *raw = None,
-        }
+        self.note_unsaved(bytes.as_deref());
         bytes
     }
 
@@ -216,7 +211,7 @@ impl Doc {
         let mut copy = self.am.clone();
         apply_caught(&mut copy, ready.apply)?;
         self.am = copy;
-        self.note_applied(raw);
+        self.note_unsaved(raw.as_deref());
         self.waiting.retain(|(h, _)| !ready.unlocked.contains(h));
         self.add_waiting(ready.wait);
         Ok(self.am.get_heads() != before)
@@ -236,16 +231,17 @@ impl Doc {
         let before = self.am.get_heads();
         let raw = self.unsaved_raw.is_some().then(|| raw_chunks(&ready.apply));
         apply_caught(&mut self.am, ready.apply)?;
-        self.note_applied(raw);
+        self.note_unsaved(raw.as_deref());
         self.waiting.retain(|(h, _)| !ready.unlocked.contains(h));
         self.add_waiting(ready.wait);
         Ok(self.am.get_heads() != before)
     }
 
-    /// After `apply_caught` succeeded: the applied changes' chunks join the unsaved ones.
-    fn note_applied(&mut self, raw: Option<Vec<u8>>) {
-        match (&mut self.unsaved_raw, raw) {
-            (Some(unsaved), Some(raw)) => unsaved.extend_from_slice(&raw),
+    /// After changes were committed or applied: their chunks join the unsaved ones, or, if
+    /// they are not known (`None`), the next incremental save must encode.
+    fn note_unsaved(&mut self, chunks: Option<&[u8]>) {
+        match (&mut self.unsaved_raw, chunks) {
+            (Some(unsaved), Some(chunks)) => unsaved.extend_from_slice(chunks),
             (unsaved, _) => *unsaved = None,
         }
     }

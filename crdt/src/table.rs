@@ -103,6 +103,12 @@ struct Held {
     index: usize,
 }
 
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
 impl std::ops::Deref for Held {
     type Target = [u8];
 
@@ -118,10 +124,6 @@ fn concat(held: &[Held]) -> Vec<u8> {
         out.extend_from_slice(h);
     }
     out
-}
-
-fn parse_held(held: &[Held]) -> Result<Vec<automerge::Change>, DocError> {
-    held.iter().map(|h| Doc::parse_change(h)).collect()
 }
 
 impl<R: Default + Shared> Entry<R> {
@@ -880,7 +882,7 @@ impl Table {
             (None, Some(f)) => f.load(&self.actor).ok()?,
             (None, None) => return Some(Cow::Borrowed(&*entry.record)),
         };
-        if let Ok(parsed) = parse_held(&deferred.pending) {
+        if let Ok(parsed) = Doc::parse_changes(&deferred.pending) {
             let _ = doc.apply_changes(parsed);
         }
         let entries = doc.entries();
@@ -962,7 +964,7 @@ impl Table {
         }
         // The bytes parsed when they arrived. Should Automerge refuse them now, the document
         // stays as it was and `after_change` makes the digest follow the document again.
-        if let (Ok(parsed), Some(doc)) = (parse_held(&deferred.pending), entry.doc.as_mut()) {
+        if let (Ok(parsed), Some(doc)) = (Doc::parse_changes(&deferred.pending), entry.doc.as_mut()) {
             let was_saved = doc.is_saved();
             // Just loaded from the bytes `log` holds: no protective copy (rebuilt on failure).
             let outcome = match &log {
