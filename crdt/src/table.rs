@@ -854,11 +854,14 @@ impl Table {
             entry.freeze(self.shared.as_deref());
         }
         let (heads, known, complete): (_, Arc<[ChangeHash]>, _) = match (&mut entry.doc, &entry.cold) {
+            // A live document lists its whole history too, so what the deferral holds next
+            // does not depend on whether the document happened to be cold or live: with
+            // shared states (the simulator) that is whether another node reached the same
+            // state first, and a node's decisions must not depend on other nodes' timing.
             (Some(doc), _) => {
-                let heads = doc.heads();
-                let mut known = heads.clone();
+                let mut known = doc.change_hashes();
                 known.sort();
-                (heads, known.into(), false)
+                (doc.heads(), known.into(), true)
             }
             (None, Some(f)) => (f.heads.to_vec(), f.hashes.clone(), true),
             (None, None) => return,

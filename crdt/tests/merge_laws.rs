@@ -6,10 +6,11 @@
 use colony_crdt::rules::membership;
 use colony_crdt::{
     Claim, DocId, JobHeader, JobId, JobRecord, JobSpec, NodeId, NodeInfo, NodeMode, NodeRecord, NodeState, Resources,
-    Run, RunStatus, StopRequest, SyncState, Table, BUCKETS,
+    Run, RunStatus, SharedStates, StopRequest, SyncState, Table, BUCKETS,
 };
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 // ---------------------------------------------------------------- operations
 
@@ -325,6 +326,66 @@ fn deliver_deferring(table: &mut Table, log: &Log, rng: &mut Rng) -> Vec<Vec<u8>
     records
 }
 
+/// One step of a deferring delivery, drawn once so that several tables can take the same.
+struct DeferStep {
+    doc: DocId,
+    /// 0..=2 defer the job first, 3 materialize it, else neither.
+    action: usize,
+    batch: Vec<Vec<u8>>,
+    take_records: bool,
+}
+
+fn deferring_plan(log: &Log, rng: &mut Rng) -> Vec<DeferStep> {
+    let mut items: Vec<(DocId, Vec<u8>)> = log.iter().map(|(_, d, b)| (d.clone(), b.clone())).collect();
+    let dups = if items.is_empty() { 0 } else { rng.below(items.len() + 1) };
+    for _ in 0..dups {
+        let i = rng.below(items.len());
+        items.push(items[i].clone());
+    }
+    rng.shuffle(&mut items);
+    let mut steps = Vec::new();
+    let mut i = 0;
+    while i < items.len() {
+        let doc = items[i].0.clone();
+        let action = rng.below(6);
+        let max = 1 + rng.below(4);
+        let mut batch = Vec::new();
+        while i < items.len() && items[i].0 == doc && batch.len() < max {
+            batch.push(items[i].1.clone());
+            i += 1;
+        }
+        steps.push(DeferStep { doc, action, batch, take_records: rng.below(4) == 0 });
+    }
+    steps
+}
+
+/// Takes one step of a plan and reports what the node core reads from the table after it:
+/// whether the document moved, which documents changed, the document's current record, the
+/// jobs holding deferred changes, and the digest.
+fn take_step(table: &mut Table, step: &DeferStep) -> String {
+    if let DocId::Job(job) = &step.doc {
+        match step.action {
+            0..=2 => table.defer_job(job),
+            3 => table.materialize_job(job),
+            _ => {}
+        }
+    }
+    let moved = table.apply_changes(&step.doc, &step.batch).expect("valid changes apply");
+    if step.take_records {
+        table.take_persist_records();
+    }
+    let record = match &step.doc {
+        DocId::Job(job) => format!("{:?}", table.job_current(job).map(|r| r.into_owned())),
+        DocId::Node(node) => format!("{:?}", table.node(node)),
+    };
+    let deferred: Vec<JobId> = table.deferred_with_changes().cloned().collect();
+    format!(
+        "moved {moved} changed {:?} record {record} deferred {deferred:?} digest {:x}",
+        table.take_changed(),
+        table.digest()
+    )
+}
+
 // ---------------------------------------------------------------- comparison
 
 /// A table's observable state. Documents with no history (entry hash 0: the known empty-entry
@@ -481,6 +542,38 @@ proptest! {
         let applied: BTreeMap<JobId, JobRecord> = lazy.jobs().map(|(i, r)| (i.clone(), r.clone())).collect();
         prop_assert_eq!(&applied, &expected.jobs, "applied records after catching up");
         prop_assert_eq!(&view(&lazy, true), &expected);
+    }
+
+    /// Shared states are a cache and nothing more: a table that takes its documents' states
+    /// from another's (the simulator's nodes share them) reports, step by step, exactly what
+    /// a table that does all the work itself reports. A node's decisions must not depend on
+    /// whether some other node reached a state first: a simulator running nodes on several
+    /// threads would not replay, and it would not run the daemon's code paths. Regression:
+    /// deferring a document that happened to be live (a cache miss) knew less of its history
+    /// than deferring it cold (a hit), and later changes were applied instead of held.
+    #[test]
+    fn shared_states_change_nothing_a_table_reports((n, ops) in scenario(40, false), seed in any::<u64>()) {
+        let world = World::run(n, &ops, true);
+        let plan = deferring_plan(&world.log, &mut Rng(seed));
+        let mut alone = new_table(11);
+        // A leader takes each step first and freezes what it touched, sharing the state it
+        // reached; the follower then takes the same step and finds that state (as the
+        // simulator's nodes find each other's).
+        let states = Arc::new(SharedStates::default());
+        let mut leader = new_table(12);
+        leader.share_states(states.clone());
+        let mut follower = new_table(13);
+        follower.share_states(states);
+        for (k, step) in plan.iter().enumerate() {
+            let expected = take_step(&mut alone, step);
+            take_step(&mut leader, step);
+            leader.take_persist_records();
+            if let DocId::Job(job) = &step.doc {
+                leader.freeze_job(job);
+            }
+            leader.freeze_idle_nodes();
+            prop_assert_eq!(take_step(&mut follower, step), expected, "step {}", k);
+        }
     }
 
     /// I1 through sync sessions only: two tables that diverged converge by comparing bucket
