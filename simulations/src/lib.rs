@@ -8,7 +8,9 @@
 //! liveness phase heals everything and runs to quiescence, then the checkers run.
 //!
 //! A run is a pure function of its config and seed: `colony-sim run --seed S` replays it.
-//! It does not use tokio, libp2p, threads (within a run), clocks or unseeded randomness.
+//! It does not use tokio, libp2p, clocks or unseeded randomness. It may use threads within
+//! a run (`SimConfig::threads`), for node cores only and without changing a single result:
+//! see [`Sim`].
 
 use colony::engine::{Engine, EngineConfig, Message, Output, Retention, Timing};
 use colony_crdt::{DocId, JobKind, JobSpec, Resources, RestartPolicy, SharedStates};
@@ -135,6 +137,9 @@ pub struct SimConfig {
     /// Print progress (virtual time, events, messages) to stderr every few seconds of wall
     /// time: for long runs. Display only; it does not affect the run.
     pub progress: bool,
+    /// Threads that run node cores within this run (see [`Sim`]'s segments). Speed only: a
+    /// run's result is the same for any number.
+    pub threads: usize,
 }
 
 impl SimConfig {
@@ -154,6 +159,7 @@ impl SimConfig {
             retention: Retention::default(),
             trace: false,
             progress: false,
+            threads: 1,
         }
     }
 }
@@ -286,7 +292,6 @@ impl RecordPool {
 struct RunningTask {
     job: String,
     index: u32,
-    attempt: u32,
     resources: Resources,
     stopping: bool,
 }
@@ -321,6 +326,24 @@ struct Workload {
 }
 
 /// A single simulation run.
+///
+/// Events run in order of (virtual time, scheduling sequence). A node core's work on a
+/// message, a timer or a task exit touches only that node, so the events due at one virtual
+/// millisecond run as segments: a segment is the run of such events up to the next event that
+/// is not a node core's (a submission, a fault, a restart, a check: a barrier, run on its
+/// own). A segment runs in three phases:
+/// 1. in order, decide for each event what the one-at-a-time loop would have done with it
+///    (wait for a paused node, drop a message across a cut, skip a stale timer, or call a
+///    node core); nothing a segment's events do changes these decisions, since messages and
+///    timers they cause are due a millisecond later at the earliest;
+/// 2. make the node-core calls, each node's in order, different nodes on different threads,
+///    keeping each call's outputs and the node's next timeout and counters just after it;
+/// 3. in order again, do with those outputs exactly what the one-at-a-time loop did (draw
+///    loss and delay from the run's RNG, schedule deliveries, account tasks and disks).
+///
+/// Every RNG draw and every scheduling sequence number is therefore the same as running the
+/// events one at a time, and a run's result is the same for any number of threads. The
+/// node cores share only [`SharedStates`], a cache whose hits equal the work they save.
 pub struct Sim {
     config: SimConfig,
     rng: ChaCha8Rng,
@@ -349,7 +372,84 @@ pub struct Sim {
     /// encoding each once per node was most of a 1,000-node run. One per run, so a run stays
     /// a function of its seed.
     states: Arc<SharedStates>,
+    /// Node ids by index (the same as `nodes[i].id`): borrowed by node cores running in
+    /// parallel while `nodes` is borrowed mutably.
+    ids: Vec<String>,
+    /// Runs a segment's node-core calls on `config.threads` threads; `None` for one.
+    workers: Option<rayon::ThreadPool>,
+    /// Per node, the node-core calls of the current segment (kept to reuse the vectors).
+    calls: Vec<Vec<(usize, Call)>>,
 }
+
+/// A node-core call of a segment (see [`Sim`]).
+enum Call {
+    Message { from: usize, message: Message },
+    Timeout,
+    TaskExited { task: String, code: i32 },
+}
+
+impl Call {
+    /// Makes the call, and keeps what the one-at-a-time loop would have read right after it.
+    fn run(self, engine: &mut Engine, now: u64, ids: &[String]) -> Done {
+        match self {
+            Call::Message { from, message } => engine.handle_message(now, &ids[from], message),
+            Call::Timeout => engine.handle_timeout(now),
+            Call::TaskExited { task, code } => engine.handle_task_exited(now, &task, code),
+        }
+        Done::take(engine)
+    }
+}
+
+/// What a node-core call left: its outputs, then the node's next timeout and death
+/// certificates written so far.
+struct Done {
+    outputs: Vec<Output>,
+    timeout: u64,
+    deaths_written: u64,
+}
+
+impl Done {
+    fn take(engine: &mut Engine) -> Done {
+        let mut outputs = Vec::new();
+        while let Some(output) = engine.poll_output() {
+            outputs.push(output);
+        }
+        Done { outputs, timeout: engine.poll_timeout(), deaths_written: engine.counters().deaths_written }
+    }
+}
+
+/// What phase 3 of a segment does with one event (see [`Sim`]).
+enum Plan {
+    /// Nothing: a message across a cut or to a node that is down, a stale timer, an exit of
+    /// a task that is gone.
+    Skip,
+    /// The node is paused: the event waits until it resumes, in its original order.
+    Wait {
+        until: u64,
+        ev: Ev,
+    },
+    Deliver {
+        to: usize,
+        kind: &'static str,
+    },
+    /// `called`: the node is up, so its core handled the timeout.
+    Wake {
+        node: usize,
+        called: bool,
+    },
+    TaskExit {
+        node: usize,
+        task: String,
+        code: i32,
+    },
+    Fsync {
+        node: usize,
+    },
+}
+
+/// Below this many node-core calls a segment runs on the calling thread: handing a few calls
+/// to the pool costs more than it saves. Speed only.
+const PARALLEL_CALLS: usize = 8;
 
 const DEFAULT_LATENCY_MS: u64 = 1;
 
@@ -357,7 +457,7 @@ impl Sim {
     /// Sets a run up.
     pub fn new(config: SimConfig) -> Sim {
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-        let nodes = (0..config.nodes)
+        let nodes: Vec<SimNode> = (0..config.nodes)
             .map(|i| SimNode {
                 id: format!("node-{i:04}"),
                 engine: None,
@@ -370,6 +470,11 @@ impl Sim {
             .collect();
         let workload = (0..config.jobs).map(|j| make_workload(&mut rng, &config, j)).collect();
         let result = RunResult { seed: config.seed, ..RunResult::default() };
+        let ids: Vec<String> = nodes.iter().map(|n: &SimNode| n.id.clone()).collect();
+        // A pool that cannot start (no threads left) only costs speed.
+        let workers = (config.threads > 1)
+            .then(|| rayon::ThreadPoolBuilder::new().num_threads(config.threads).build().ok())
+            .flatten();
         Sim {
             rng,
             now: 0,
@@ -393,6 +498,9 @@ impl Sim {
             result,
             pool: RecordPool::default(),
             states: Arc::default(),
+            calls: (0..config.nodes).map(|_| Vec::new()).collect(),
+            ids,
+            workers,
             config,
         }
     }
@@ -510,9 +618,37 @@ impl Sim {
         let mut last_report = started;
         let mut last_memory_report: Option<std::time::Instant> = None;
         let mut events: u64 = 0;
-        while let Some(Reverse((at, _, slot))) = self.queue.pop() {
-            events += 1;
-            if self.config.progress && events.is_multiple_of(4096) && last_report.elapsed().as_secs() >= 5 {
+        let mut segment: Vec<Ev> = Vec::new();
+        while let Some(&Reverse((at, _, _))) = self.queue.peek() {
+            if let Some(heal) = self.heal_at {
+                if at > heal + self.config.max_liveness_ms {
+                    break;
+                }
+            }
+            self.now = at;
+            // The events due now, up to the first barrier.
+            let mut barrier = None;
+            while let Some(&Reverse((due, _, slot))) = self.queue.peek() {
+                if due != at {
+                    break;
+                }
+                self.queue.pop();
+                events += 1;
+                let Some(ev) = self.events.remove(&slot) else { continue };
+                if matches!(ev, Ev::Deliver { .. } | Ev::Wake { .. } | Ev::TaskExit { .. } | Ev::Fsync { .. }) {
+                    segment.push(ev);
+                } else {
+                    barrier = Some(ev);
+                    break;
+                }
+            }
+            self.run_segment(&mut segment);
+            if let Some(ev) = barrier {
+                if self.step(ev) {
+                    break;
+                }
+            }
+            if self.config.progress && last_report.elapsed().as_secs() >= 5 {
                 last_report = std::time::Instant::now();
                 let phase = if self.heal_at.is_some() { "liveness" } else { "faults" };
                 eprintln!(
@@ -532,36 +668,152 @@ impl Sim {
                     eprintln!("seed {}: memory: {}", self.config.seed, self.memory_report());
                 }
             }
-            let Some(ev) = self.events.remove(&slot) else { continue };
-            self.now = at;
-            if let Some(heal) = self.heal_at {
-                if at > heal + self.config.max_liveness_ms {
-                    break;
-                }
+        }
+    }
+
+    /// Runs a segment: events due now that only a node core handles (see [`Sim`]).
+    fn run_segment(&mut self, segment: &mut Vec<Ev>) {
+        if segment.is_empty() {
+            return;
+        }
+        // Phase 1: what the one-at-a-time loop would do with each event. Within a segment no
+        // pause, crash, restart or cut changes (those are barriers), and a wake timer due now
+        // is only ever cleared, by the node's own wake; a task only ever leaves by its exit.
+        let mut plans: Vec<Plan> = Vec::with_capacity(segment.len());
+        let mut woken: Vec<usize> = Vec::new();
+        let mut exited: Vec<(usize, String)> = Vec::new();
+        let mut calls = std::mem::take(&mut self.calls);
+        let mut n_calls = 0;
+        for (i, ev) in segment.drain(..).enumerate() {
+            let node = match &ev {
+                Ev::Deliver { to, .. } => Some(*to),
+                Ev::Wake { node } | Ev::TaskExit { node, .. } => Some(*node),
+                _ => None,
+            };
+            if let Some(until) = node.and_then(|n| self.nodes[n].paused_until) {
+                plans.push(Plan::Wait { until, ev });
+                continue;
             }
-            if self.step(ev) {
-                break;
+            let plan = match ev {
+                Ev::Deliver { to, from, message } => {
+                    if !self.reachable(from, to) || from == to || self.nodes[to].engine.is_none() {
+                        Plan::Skip
+                    } else {
+                        let kind = match &message {
+                            Message::Changes { doc: DocId::Node(_), .. } => "node_changes",
+                            m => m.kind(),
+                        };
+                        calls[to].push((i, Call::Message { from, message }));
+                        Plan::Deliver { to, kind }
+                    }
+                }
+                Ev::Wake { node } => {
+                    if self.nodes[node].wake_at != Some(self.now) || woken.contains(&node) {
+                        Plan::Skip
+                    } else {
+                        woken.push(node);
+                        let called = self.nodes[node].engine.is_some();
+                        if called {
+                            calls[node].push((i, Call::Timeout));
+                        }
+                        Plan::Wake { node, called }
+                    }
+                }
+                Ev::TaskExit { node, boot, task, code } => {
+                    let n = &self.nodes[node];
+                    let gone = exited.iter().any(|(x, t)| *x == node && *t == task);
+                    if n.boot != boot || n.engine.is_none() || gone || !n.tasks.contains_key(&task) {
+                        Plan::Skip
+                    } else {
+                        exited.push((node, task.clone()));
+                        calls[node].push((i, Call::TaskExited { task: task.clone(), code }));
+                        Plan::TaskExit { node, task, code }
+                    }
+                }
+                Ev::Fsync { node } => Plan::Fsync { node },
+                // INVARIANT: `run_events` puts only the four kinds above in a segment.
+                other => unreachable!("a barrier in a segment: {other:?}"),
+            };
+            if matches!(plan, Plan::Deliver { .. } | Plan::Wake { called: true, .. } | Plan::TaskExit { .. }) {
+                n_calls += 1;
+            }
+            plans.push(plan);
+        }
+
+        // Phase 2: the node-core calls, each node's in order.
+        let now = self.now;
+        let ids = &self.ids;
+        let work = |node: &mut SimNode, calls: &mut Vec<(usize, Call)>| -> Vec<(usize, Done)> {
+            // INVARIANT: phase 1 made calls only to nodes that are up.
+            let engine = node.engine.as_mut().expect("calls go to nodes that are up");
+            calls.drain(..).map(|(i, call)| (i, call.run(engine, now, ids))).collect()
+        };
+        let done: Vec<(usize, Done)> = match &self.workers {
+            Some(pool) if n_calls >= PARALLEL_CALLS => {
+                use rayon::prelude::*;
+                let nodes = &mut self.nodes;
+                pool.install(|| {
+                    nodes
+                        .par_iter_mut()
+                        .zip(calls.par_iter_mut())
+                        .filter(|(_, c)| !c.is_empty())
+                        .flat_map_iter(|(node, c)| work(node, c))
+                        .collect()
+                })
+            }
+            _ => self
+                .nodes
+                .iter_mut()
+                .zip(calls.iter_mut())
+                .filter(|(_, c)| !c.is_empty())
+                .flat_map(|(node, c)| work(node, c))
+                .collect(),
+        };
+        self.calls = calls;
+        let mut results: Vec<Option<Done>> = (0..plans.len()).map(|_| None).collect();
+        for (i, d) in done {
+            results[i] = Some(d);
+        }
+
+        // Phase 3: in order, what the one-at-a-time loop did after each call.
+        for (plan, done) in plans.into_iter().zip(results) {
+            match plan {
+                Plan::Skip => {}
+                Plan::Wait { until, ev } => self.schedule(until, ev),
+                Plan::Deliver { to, kind } => {
+                    self.result.messages += 1;
+                    *self.result.messages_by_kind.entry(kind).or_default() += 1;
+                    self.apply_outputs(to, done);
+                }
+                Plan::Wake { node, called } => {
+                    self.nodes[node].wake_at = None;
+                    if called {
+                        self.apply_outputs(node, done);
+                    }
+                }
+                Plan::TaskExit { node, task, code } => {
+                    // INVARIANT: phase 1 saw the task, and only its own exit removes it.
+                    let t = self.nodes[node].tasks.remove(&task).expect("the exiting task is running");
+                    if code == 0 && !t.stopping {
+                        *self.completions.entry((t.job.clone(), t.index)).or_default() += 1;
+                    }
+                    self.apply_outputs(node, done);
+                }
+                Plan::Fsync { node } => {
+                    self.nodes[node].disk.fsync(&mut self.pool);
+                    self.nodes[node].disk.fsync_scheduled = false;
+                }
             }
         }
     }
 
+    /// Runs a barrier: an event that is not a node core's message, timer or task exit.
     fn step(&mut self, ev: Ev) -> bool {
-        // Events for a paused node wait until it resumes, in their original order.
-        let target = match &ev {
-            Ev::Deliver { to, .. } => Some(*to),
-            Ev::Wake { node } | Ev::TaskExit { node, .. } => Some(*node),
-            _ => None,
-        };
-        if let Some(node) = target {
-            if let Some(until) = self.nodes[node].paused_until {
-                self.schedule(until, ev);
-                return false;
-            }
-        }
         match ev {
-            Ev::Deliver { to, from, message } => self.deliver(to, from, message),
-            Ev::Wake { node } => self.wake(node),
-            Ev::TaskExit { node, boot, task, code } => self.task_exit(node, boot, &task, code),
+            Ev::Deliver { .. } | Ev::Wake { .. } | Ev::TaskExit { .. } | Ev::Fsync { .. } => {
+                // INVARIANT: `run_events` runs these in segments.
+                unreachable!("a segment's event run as a barrier: {ev:?}")
+            }
             Ev::Submit { job } => self.submit(job),
             Ev::Stop { job } => self.stop(job),
             Ev::FaultStart { fault } => self.fault_start(fault),
@@ -580,10 +832,6 @@ impl Sim {
                     self.reschedule_wake(node);
                 }
             }
-            Ev::Fsync { node } => {
-                self.nodes[node].disk.fsync(&mut self.pool);
-                self.nodes[node].disk.fsync_scheduled = false;
-            }
             Ev::Heal => self.heal(),
             Ev::Link { a, b, down } => {
                 if self.heal_at.is_none() {
@@ -601,65 +849,17 @@ impl Sim {
         false
     }
 
-    fn deliver(&mut self, to: usize, from: usize, message: Message) {
-        if !self.reachable(from, to) {
-            return;
-        }
-        if from == to || self.nodes[to].engine.is_none() {
-            return;
-        }
-        self.result.messages += 1;
-        let kind = match &message {
-            Message::Changes { doc: DocId::Node(_), .. } => "node_changes",
-            m => m.kind(),
-        };
-        *self.result.messages_by_kind.entry(kind).or_default() += 1;
-        // Both nodes borrowed at once: the sender's id without a copy per delivery.
-        let (sender, receiver) = if from < to {
-            let (low, high) = self.nodes.split_at_mut(to);
-            (&low[from], &mut high[0])
-        } else {
-            let (low, high) = self.nodes.split_at_mut(from);
-            (&high[0], &mut low[to])
-        };
-        if let Some(engine) = receiver.engine.as_mut() {
-            engine.handle_message(self.now, &sender.id, message);
-        }
-        self.drain_outputs(to);
-    }
-
-    fn wake(&mut self, node: usize) {
-        if self.nodes[node].wake_at != Some(self.now) {
-            return; // stale
-        }
-        self.nodes[node].wake_at = None;
-        let Some(engine) = self.nodes[node].engine.as_mut() else { return };
-        engine.handle_timeout(self.now);
-        self.drain_outputs(node);
-    }
-
     fn reschedule_wake(&mut self, node: usize) {
         let Some(engine) = self.nodes[node].engine.as_ref() else { return };
-        let at = engine.poll_timeout().max(self.now + 1);
+        self.reschedule_wake_to(node, engine.poll_timeout());
+    }
+
+    fn reschedule_wake_to(&mut self, node: usize, timeout: u64) {
+        let at = timeout.max(self.now + 1);
         if self.nodes[node].wake_at.is_none_or(|w| at < w || w < self.now) {
             self.nodes[node].wake_at = Some(at);
             self.schedule(at, Ev::Wake { node });
         }
-    }
-
-    fn task_exit(&mut self, node: usize, boot: u64, task: &str, code: i32) {
-        if self.nodes[node].boot != boot || self.nodes[node].engine.is_none() {
-            return; // the process died with its node
-        }
-        let Some(t) = self.nodes[node].tasks.remove(task) else { return };
-        if code == 0 && !t.stopping {
-            *self.completions.entry((t.job.clone(), t.index)).or_default() += 1;
-        }
-        let _ = t.attempt;
-        if let Some(engine) = self.nodes[node].engine.as_mut() {
-            engine.handle_task_exited(self.now, task, code);
-        }
-        self.drain_outputs(node);
     }
 
     fn submit(&mut self, job: usize) {
@@ -702,9 +902,17 @@ impl Sim {
     }
 
     fn drain_outputs(&mut self, node: usize) {
-        loop {
-            let Some(engine) = self.nodes[node].engine.as_mut() else { return };
-            let Some(output) = engine.poll_output() else { break };
+        let Some(engine) = self.nodes[node].engine.as_mut() else { return };
+        let done = Done::take(engine);
+        self.apply_outputs(node, Some(done));
+    }
+
+    /// Does what a node core's outputs ask, then notes its death certificates and its next
+    /// timeout as they were just after the call.
+    fn apply_outputs(&mut self, node: usize, done: Option<Done>) {
+        // INVARIANT: phase 2 ran every call that phase 1 planned.
+        let done = done.expect("every planned call was made");
+        for output in done.outputs {
             match output {
                 Output::Persist(_) | Output::Snapshot(_) => {
                     let disk = &mut self.nodes[node].disk;
@@ -736,7 +944,6 @@ impl Sim {
                         RunningTask {
                             job: start.job.clone(),
                             index: start.index,
-                            attempt: start.attempt,
                             resources: start.spec.resources,
                             stopping: false,
                         },
@@ -756,15 +963,14 @@ impl Sim {
                 Output::Event(_) => {}
             }
         }
-        self.check_false_deaths(node);
-        self.reschedule_wake(node);
+        self.check_false_deaths(node, done.deaths_written);
+        self.reschedule_wake_to(node, done.timeout);
     }
 
     /// A node that writes a death certificate while every node is up, unpaused and reachable,
     /// and has been for the grace period (detection time plus slack), accused a live node.
-    fn check_false_deaths(&mut self, node: usize) {
+    fn check_false_deaths(&mut self, node: usize, written: u64) {
         const GRACE_MS: u64 = 5_000;
-        let written = self.nodes[node].engine.as_ref().map_or(0, |e| e.counters().deaths_written);
         let seen = self.deaths_by_node.entry(node).or_insert(written);
         if written > *seen {
             let healthy = self.active_faults.is_empty()

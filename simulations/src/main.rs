@@ -87,7 +87,9 @@ struct RunArgs {
     /// Retention: finished jobs older than this (virtual ms) are compacted.
     #[arg(long)]
     retain_age_ms: Option<u64>,
-    /// Worker threads (each runs whole seeds; a seed's run is single-threaded and deterministic).
+    /// Worker threads. Several seeds: each thread runs whole seeds. One seed: the threads
+    /// run that seed's node cores in parallel. Either way a seed's result is the same for any
+    /// number of threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
     /// Print one JSON object at the end instead of a table.
@@ -146,7 +148,9 @@ fn main() {
     let results: Mutex<Vec<Option<RunResult>>> = Mutex::new(vec![None; args.seeds as usize]);
     let done = AtomicUsize::new(0);
     std::thread::scope(|scope| {
-        for _ in 0..args.threads.max(1) {
+        // One seed gets every thread inside its run; several get one each.
+        let seed_workers = if args.seeds == 1 { 1 } else { args.threads.max(1) };
+        for _ in 0..seed_workers {
             scope.spawn(|| loop {
                 let k = next.fetch_add(1, Ordering::SeqCst);
                 if k as u64 >= args.seeds {
@@ -158,6 +162,7 @@ fn main() {
                 config.trace = args.trace;
                 // Progress goes to stderr, so it never mixes with the JSON on stdout.
                 config.progress = args.seeds == 1;
+                config.threads = if args.seeds == 1 { args.threads.max(1) } else { 1 };
                 if let Some(n) = args.retain_jobs {
                     config.retention.finished_jobs = n;
                 }
