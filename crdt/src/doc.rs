@@ -79,6 +79,16 @@ struct Ready {
 /// dropped: anti-entropy brings them again with their dependencies.
 const MAX_WAITING: usize = 1024;
 
+/// Appends `changes` to a waiting list, dropping the oldest past [`MAX_WAITING`]. The one rule
+/// for live documents and for a table's cold ones alike.
+pub(crate) fn push_waiting(list: &mut Vec<(ChangeHash, Change)>, changes: Vec<(ChangeHash, Change)>) {
+    list.extend(changes);
+    if list.len() > MAX_WAITING {
+        let excess = list.len() - MAX_WAITING;
+        list.drain(..excess);
+    }
+}
+
 impl std::fmt::Debug for Doc {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Doc").finish_non_exhaustive()
@@ -302,11 +312,27 @@ impl Doc {
 
     /// Adds changes to the waiting ones, dropping the oldest past [`MAX_WAITING`].
     fn add_waiting(&mut self, changes: Vec<(ChangeHash, Change)>) {
-        self.waiting.extend(changes);
-        if self.waiting.len() > MAX_WAITING {
-            let excess = self.waiting.len() - MAX_WAITING;
-            self.waiting.drain(..excess);
-        }
+        push_waiting(&mut self.waiting, changes);
+    }
+
+    /// Whether changes wait inside Automerge itself (from a sync message or a load), not in
+    /// this document's own list: those cannot be taken out ([`Doc::take_waiting`]).
+    pub fn has_queued_in_automerge(&mut self) -> bool {
+        !self.am.get_missing_deps(&[]).is_empty()
+    }
+
+    /// Takes the changes waiting for dependencies, in arrival order: a table keeps them
+    /// beside the document while it is cold, and gives them back with
+    /// [`Doc::restore_waiting`] when it is loaded again.
+    pub fn take_waiting(&mut self) -> Vec<(ChangeHash, Change)> {
+        std::mem::take(&mut self.waiting)
+    }
+
+    /// Gives back changes taken with [`Doc::take_waiting`] to a document loaded since; they
+    /// go before any that wait already (none, for a freshly loaded document).
+    pub fn restore_waiting(&mut self, mut waiting: Vec<(ChangeHash, Change)>) {
+        waiting.append(&mut self.waiting);
+        self.waiting = waiting;
     }
 
     /// Every change held, as bytes, in causal order.
@@ -390,6 +416,12 @@ impl Doc {
                 self.am = copy;
                 *state = state_copy;
                 self.unsaved_raw = None;
+                // Waiting changes the message brought are held now: they wait no more.
+                if !self.waiting.is_empty() {
+                    let hashes: Vec<ChangeHash> = self.waiting.iter().map(|(h, _)| *h).collect();
+                    let absent: BTreeSet<ChangeHash> = self.am.get_missing_deps(&hashes).into_iter().collect();
+                    self.waiting.retain(|(h, _)| absent.contains(h));
+                }
                 Ok(self.am.get_heads() != before)
             }
             Ok(Err(e)) => Err(DocError::Malformed(e.to_string())),

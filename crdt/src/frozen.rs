@@ -167,38 +167,77 @@ pub(crate) fn share<R: Shared>(states: Option<&SharedStates>, frozen: Frozen<R>)
 
 /// What a batch of changes does to a document at rest (see [`plan`]).
 pub(crate) struct Plan {
-    /// Indexes of the changes it can apply: not held, dependencies held or among them.
+    /// Indexes of the changes it applies: not held or waiting, every dependency held or
+    /// applied with them.
     pub new: Vec<usize>,
-    /// Its heads (sorted) once they are applied.
+    /// Waiting changes the batch unlocks (applied too, before `new`), in waiting order.
+    pub unlocked: Vec<ChangeHash>,
+    /// Indexes of the changes that must wait for dependencies, in order.
+    pub wait: Vec<usize>,
+    /// Its heads (sorted) once `unlocked` and `new` are applied.
     pub heads: Vec<ChangeHash>,
 }
 
-/// Tells, from the changes and the state's hashes alone, which of `changes` a document at
-/// `state` (or a new one, for `None`) will apply and what heads it will have then. Changes
-/// held already are skipped. `None` when a change's dependencies are missing: it must wait in
-/// a live document.
-pub(crate) fn plan<R>(state: Option<&Frozen<R>>, changes: &mut [automerge::Change]) -> Option<Plan> {
+/// Tells, from hashes and dependencies alone, what a document at `state` (or a new one, for
+/// `None`) holding `waiting` changes does with `changes`, exactly as [`Doc::apply_changes`]
+/// would on the live document: changes held or waiting already are skipped; if none of the
+/// rest can apply, they all wait; otherwise every change among them and the waiting ones
+/// whose dependencies are held or applied with it applies, and the rest wait.
+pub(crate) fn plan<R>(
+    state: Option<&Frozen<R>>,
+    waiting: &[(ChangeHash, automerge::Change)],
+    changes: &mut [automerge::Change],
+) -> Plan {
     let held = |h: &ChangeHash| state.is_some_and(|f| f.hashes.binary_search(h).is_ok());
     let hashes: Vec<ChangeHash> = changes.iter_mut().map(|c| c.hash()).collect();
-    let mut new: Vec<usize> = Vec::new();
+    let mut candidates: Vec<usize> = Vec::new();
     for (i, h) in hashes.iter().enumerate() {
-        if !held(h) && !new.iter().any(|&j| hashes[j] == *h) {
-            new.push(i);
+        if !held(h) && !waiting.iter().any(|(w, _)| w == h) && !candidates.iter().any(|&j| hashes[j] == *h) {
+            candidates.push(i);
         }
     }
-    let ok: Vec<ChangeHash> = new.iter().map(|&i| hashes[i]).collect();
-    if !new.iter().all(|&i| changes[i].deps().iter().all(|d| held(d) || ok.contains(d))) {
-        return None;
+    // The changes whose every dependency is held or among them, to a fixed point.
+    let fixpoint = |pool: &[(ChangeHash, &[ChangeHash])]| {
+        let mut ok: Vec<ChangeHash> = Vec::new();
+        loop {
+            let before = ok.len();
+            for (h, deps) in pool {
+                if !ok.contains(h) && deps.iter().all(|d| held(d) || ok.contains(d)) {
+                    ok.push(*h);
+                }
+            }
+            if ok.len() == before {
+                return ok;
+            }
+        }
+    };
+    let mut pool: Vec<(ChangeHash, &[ChangeHash])> =
+        candidates.iter().map(|&i| (hashes[i], changes[i].deps())).collect();
+    let mut ok = fixpoint(&pool);
+    if !ok.is_empty() && !waiting.is_empty() {
+        pool.extend(waiting.iter().map(|(h, c)| (*h, c.deps())));
+        ok = fixpoint(&pool);
     }
+    let unlocked: Vec<ChangeHash> = waiting.iter().map(|(h, _)| *h).filter(|h| ok.contains(h)).collect();
+    let (new, wait): (Vec<usize>, Vec<usize>) = candidates.into_iter().partition(|&i| ok.contains(&hashes[i]));
     let mut heads: Vec<ChangeHash> = state.map_or_else(Vec::new, |f| f.heads.to_vec());
-    heads.extend(new.iter().map(|&i| hashes[i]));
-    for &i in &new {
-        let deps = changes[i].deps();
+    if !new.is_empty() {
+        // A waiting change can be held already (it came since by a sync message): it is
+        // unlocked and dropped from the waiting ones as the live document does, but it is
+        // no new head.
+        heads.extend(unlocked.iter().filter(|h| !held(h)).copied());
+        heads.extend(new.iter().map(|&i| hashes[i]));
+        let deps: Vec<ChangeHash> = waiting
+            .iter()
+            .filter(|(h, _)| unlocked.contains(h))
+            .flat_map(|(_, c)| c.deps().iter().copied())
+            .chain(new.iter().flat_map(|&i| changes[i].deps().iter().copied()))
+            .collect();
         heads.retain(|h| !deps.contains(h));
+        heads.sort();
+        heads.dedup();
     }
-    heads.sort();
-    heads.dedup();
-    Some(Plan { new, heads })
+    Plan { new, unlocked, wait, heads }
 }
 
 #[cfg(test)]
@@ -239,19 +278,33 @@ mod tests {
         reader.apply_changes(parse(&[&c1])).expect("applies");
         let at_c1 = state_of(&mut reader);
 
-        let plan_in_order = plan(Some(&at_c1), &mut parse(&[&c2, &c3])).expect("no gap");
+        let none: &[(ChangeHash, automerge::Change)] = &[];
+        let plan_in_order = plan(Some(&at_c1), none, &mut parse(&[&c2, &c3]));
         assert_eq!(plan_in_order.new, vec![0, 1]);
+        assert!(plan_in_order.wait.is_empty());
         assert_eq!(plan_in_order.heads, vec![hash_of(&c3)]);
 
-        let held = plan(Some(&at_c1), &mut parse(&[&c1])).expect("no gap");
-        assert!(held.new.is_empty(), "a change held already is not new");
+        let held = plan(Some(&at_c1), none, &mut parse(&[&c1]));
+        assert!(held.new.is_empty() && held.wait.is_empty(), "a change held already is neither new nor waiting");
 
-        assert!(plan(Some(&at_c1), &mut parse(&[&c3])).is_none(), "c3 without c2 is a gap");
-        assert!(plan::<()>(None, &mut parse(&[&c2])).is_none(), "a new document cannot start at c2");
+        let gap = plan(Some(&at_c1), none, &mut parse(&[&c3]));
+        assert!(gap.new.is_empty(), "c3 without c2 cannot apply");
+        assert_eq!(gap.wait, vec![0], "c3 waits");
+        assert_eq!(gap.heads, at_c1.heads.to_vec(), "the heads stay");
+        assert_eq!(plan::<()>(None, none, &mut parse(&[&c2])).wait, vec![0], "a new document cannot start at c2");
+
+        // c3 waiting: c2 unlocks it, and both apply; c3 again is skipped as waiting.
+        let waiting = vec![(hash_of(&c3), parse(&[&c3]).remove(0))];
+        let unlock = plan(Some(&at_c1), &waiting, &mut parse(&[&c2]));
+        assert_eq!(unlock.new, vec![0]);
+        assert_eq!(unlock.unlocked, vec![hash_of(&c3)]);
+        assert_eq!(unlock.heads, vec![hash_of(&c3)]);
+        let again = plan(Some(&at_c1), &waiting, &mut parse(&[&c3]));
+        assert!(again.new.is_empty() && again.wait.is_empty(), "a waiting change is not taken twice");
 
         reader.apply_changes(parse(&[&c2])).expect("applies");
         let at_c2 = state_of(&mut reader);
-        let concurrent = plan(Some(&at_c2), &mut parse(&[&cb])).expect("cb depends on c1, which is held");
+        let concurrent = plan(Some(&at_c2), none, &mut parse(&[&cb]));
         let mut expected = vec![hash_of(&c2), hash_of(&cb)];
         expected.sort();
         assert_eq!(concurrent.heads, expected);

@@ -13,7 +13,7 @@
 //! A job's history lives and dies with the job: compaction drops the whole document, and a
 //! bounded tombstone list keeps peers from handing it back. See ARCHITECTURE.md.
 
-use crate::doc::{heads_hash, Doc, DocError, SyncState};
+use crate::doc::{heads_hash, push_waiting, Doc, DocError, SyncState};
 use crate::frozen::{self, Frozen, Shared, SharedStates};
 use crate::hash::{mix64, stable_hash};
 use crate::records::{
@@ -57,6 +57,19 @@ struct Entry<R> {
     /// followed by change chunks). Freezing it again keeps these instead of encoding the
     /// whole document anew, which was the largest single cost of deferral at 1,000 nodes.
     log: Option<Log>,
+    /// While the document is cold or absent: the changes it holds that wait for their
+    /// dependencies, in arrival order (a live document holds them itself; see
+    /// [`Doc::take_waiting`]). They are not part of any state, so they are kept here beside it
+    /// and go into the document whenever it is loaded. Never set while deferred.
+    ///
+    /// Under message loss most nodes miss some change of some job, and each later change of
+    /// that job then waits; kept live until anti-entropy brought the missing one, such
+    /// documents were 193,000 live Automerge documents (18 KiB each) at 1,000 simulated
+    /// nodes, and what ran the simulator out of memory.
+    waiting: Vec<(ChangeHash, automerge::Change)>,
+    /// Set when the document should go cold but had changes not yet on disk: it goes cold
+    /// once they are (`take_persist_records`), unless it is written to before.
+    cold_when_saved: bool,
 }
 
 /// Cold bytes plus appended change chunks; see [`Entry::log`].
@@ -133,17 +146,28 @@ impl<R: Default + Shared> Entry<R> {
 
     /// An entry holding nothing yet (for a state taken from the memo).
     fn absent() -> Entry<R> {
-        Entry { doc: None, cold: None, record: Arc::default(), hash: 0, deferred: None, log: None }
+        Entry {
+            doc: None,
+            cold: None,
+            record: Arc::default(),
+            hash: 0,
+            deferred: None,
+            log: None,
+            waiting: Vec::new(),
+            cold_when_saved: false,
+        }
     }
 
     fn doc_mut(&mut self, actor: &ActorId) -> Result<&mut Doc, DocError> {
         // The caller may change the document in any way: the log no longer describes it.
         self.log = None;
+        self.cold_when_saved = false;
         if self.doc.is_none() {
-            let doc = match &self.cold {
+            let mut doc = match &self.cold {
                 Some(f) => f.load(actor)?,
                 None => Doc::load(&[], actor)?,
             };
+            doc.restore_waiting(std::mem::take(&mut self.waiting));
             self.cold = None;
             self.doc = Some(doc);
         }
@@ -151,12 +175,23 @@ impl<R: Default + Shared> Entry<R> {
         Ok(self.doc.as_mut().expect("document loaded"))
     }
 
-    /// Makes the document cold. One holding changes that wait for their dependencies stays
-    /// live: they are not part of any state to share, and would be lost.
+    /// Makes the document cold. Changes waiting for their dependencies are kept beside it
+    /// (see [`Entry::waiting`]); one with changes waiting inside Automerge itself (from a sync
+    /// message) stays live, since those cannot be taken out.
     fn freeze(&mut self, shared: Option<&SharedStates>) {
-        if self.doc.as_mut().is_some_and(|d| d.has_waiting_changes()) {
+        let Some(live) = self.doc.as_mut() else { return };
+        if live.has_queued_in_automerge() {
             return;
         }
+        let waiting = live.take_waiting();
+        if !waiting.is_empty() && live.is_empty() {
+            // Nothing applied yet: the document is absent, only its waiting changes are held.
+            self.doc = None;
+            self.log = None;
+            self.waiting = waiting;
+            return;
+        }
+        self.waiting = waiting;
         if let Some(mut doc) = self.doc.take() {
             let mut heads = doc.heads();
             heads.sort();
@@ -180,9 +215,40 @@ impl<R: Default + Shared> Entry<R> {
         }
     }
 
+    /// A document loaded from `prior` and not moved since goes back to it (an Automerge
+    /// document can have taken changes without moving only into its own queue, and then it
+    /// stays live).
+    fn refreeze(&mut self, prior: Arc<Frozen<R>>) {
+        let Some(doc) = self.doc.as_mut() else { return };
+        if doc.has_queued_in_automerge() || !doc.is_saved() {
+            return;
+        }
+        let mut heads = doc.heads();
+        heads.sort();
+        if *heads != *prior.heads {
+            return;
+        }
+        self.waiting = doc.take_waiting();
+        self.doc = None;
+        self.log = None;
+        self.cold = Some(prior);
+    }
+
+    /// The next sync message in `state`, from a copy of a cold document: generating changes
+    /// nothing, so the document stays cold.
+    fn generate_sync(&mut self, actor: &ActorId, state: &mut SyncState) -> Option<Vec<u8>> {
+        match (&mut self.doc, &self.cold) {
+            (Some(doc), _) => doc.generate_sync(state),
+            (None, Some(f)) => f.load(actor).ok()?.generate_sync(state),
+            (None, None) => Doc::new(actor).generate_sync(state),
+        }
+    }
+
     /// For a cold document: its bytes and appends, the base of a log (see [`Entry::log`]).
     fn log_base(&self) -> Option<(Vec<u8>, u32)> {
-        if self.doc.is_some() {
+        // Waiting changes go into the document on loading: a failed apply must not lose them,
+        // so such a document takes the protective copy instead.
+        if self.doc.is_some() || !self.waiting.is_empty() {
             return None;
         }
         self.cold.as_ref().map(|f| (f.bytes.to_vec(), f.appends))
@@ -735,9 +801,9 @@ impl Table {
     /// Applies changes to a cold or absent document without loading it, where that can be
     /// done: `Some(false)` when they hold nothing new, `Some(true)` when the state they lead
     /// to was taken from the memo (see `frozen`); then they are persisted raw and the
-    /// bookkeeping of [`Table::after_change`] is done. `None`: the caller does the work (a
-    /// state not seen yet, or a change whose dependencies are missing, which must wait inside
-    /// the live document).
+    /// bookkeeping of [`Table::after_change`] is done. Changes whose dependencies are missing
+    /// wait beside the document ([`Entry::waiting`]), as they would inside it. `None`: the
+    /// caller does the work (a state not seen yet).
     fn apply_without_loading(
         &mut self,
         doc_id: &DocId,
@@ -746,7 +812,14 @@ impl Table {
     ) -> Option<bool> {
         enum Outcome<R> {
             Nothing,
-            Adopted { previous: Arc<R>, old: u64, heads: Vec<ChangeHash>, new: Vec<usize> },
+            /// `unlocked`: the raw bytes of waiting changes applied with `new`, before them.
+            Adopted {
+                previous: Arc<R>,
+                old: u64,
+                heads: Vec<ChangeHash>,
+                new: Vec<usize>,
+                unlocked: Vec<u8>,
+            },
         }
         fn adopt<R: Shared + Default>(
             states: Option<&SharedStates>,
@@ -755,35 +828,52 @@ impl Table {
             parsed: &mut [automerge::Change],
         ) -> Option<Outcome<R>> {
             let plan = match map.get(id) {
-                None => frozen::plan::<R>(None, parsed)?,
-                Some(e) if e.doc.is_none() && e.deferred.is_none() => frozen::plan(Some(e.cold.as_ref()?), parsed)?,
+                None => frozen::plan::<R>(None, &[], parsed),
+                Some(e) if e.doc.is_none() && e.deferred.is_none() => {
+                    frozen::plan(e.cold.as_deref(), &e.waiting, parsed)
+                }
                 Some(_) => return None,
             };
+            let wait = |parsed: &mut [automerge::Change]| -> Vec<(ChangeHash, automerge::Change)> {
+                plan.wait.iter().map(|&i| (parsed[i].hash(), parsed[i].clone())).collect()
+            };
             if plan.new.is_empty() {
+                if !plan.wait.is_empty() {
+                    let entry = map.entry(id.to_string()).or_insert_with(Entry::absent);
+                    push_waiting(&mut entry.waiting, wait(parsed));
+                }
                 return Some(Outcome::Nothing);
             }
             let shared = frozen::lookup::<R>(states, &plan.heads)?;
             let entry = map.entry(id.to_string()).or_insert_with(Entry::absent);
             entry.log = None;
+            let mut unlocked = Vec::new();
+            for (h, change) in &entry.waiting {
+                if plan.unlocked.contains(h) {
+                    unlocked.extend_from_slice(change.raw_bytes());
+                }
+            }
+            entry.waiting.retain(|(h, _)| !plan.unlocked.contains(h));
+            push_waiting(&mut entry.waiting, wait(parsed));
             let previous = std::mem::replace(&mut entry.record, shared.record.clone());
             entry.cold = Some(shared);
-            Some(Outcome::Adopted { previous, old: entry.hash, heads: plan.heads, new: plan.new })
+            Some(Outcome::Adopted { previous, old: entry.hash, heads: plan.heads, new: plan.new, unlocked })
         }
-        let (old_hash, new_hash, applied) = match doc_id {
+        let (old_hash, new_hash, applied, mut bytes) = match doc_id {
             DocId::Job(id) if self.tombstones.contains_key(id) => return Some(false),
             DocId::Job(id) => match adopt(self.shared.as_deref(), &mut self.jobs, id, parsed)? {
                 Outcome::Nothing => return Some(false),
-                Outcome::Adopted { old, heads, new, .. } => {
+                Outcome::Adopted { old, heads, new, unlocked, .. } => {
                     let hash = entry_hash(doc_id, Some(heads_hash(&heads)));
                     if let Some(e) = self.jobs.get_mut(id) {
                         e.hash = hash;
                     }
-                    (old, hash, new)
+                    (old, hash, new, unlocked)
                 }
             },
             DocId::Node(id) => match adopt(self.shared.as_deref(), &mut self.nodes, id, parsed)? {
                 Outcome::Nothing => return Some(false),
-                Outcome::Adopted { previous, old, heads, new } => {
+                Outcome::Adopted { previous, old, heads, new, unlocked } => {
                     if *id == self.local {
                         self.own_changes = None;
                     }
@@ -792,12 +882,13 @@ impl Table {
                         e.hash = hash;
                     }
                     self.update_membership(id, &previous, old != 0, true);
-                    (old, hash, new)
+                    (old, hash, new, unlocked)
                 }
             },
         };
         self.buckets[bucket_of(doc_id)] ^= old_hash ^ new_hash;
-        let bytes: Vec<u8> = applied.iter().flat_map(|&i| changes[i].iter().copied()).collect();
+        // In the order a live document applies them: the unlocked waiting changes first.
+        bytes.extend(applied.iter().flat_map(|&i| changes[i].iter().copied()));
         self.raw_unsaved.push(encode(&PersistRecord::Doc { doc: doc_id.clone(), bytes }));
         self.changed.insert(doc_id.clone());
         Some(true)
@@ -842,9 +933,15 @@ impl Table {
         if entry.deferred.is_some() {
             return;
         }
-        // Changes waiting inside Automerge for their dependencies would join the heads when
-        // those arrive, which the deferral could not foresee.
-        if entry.doc.as_mut().is_some_and(|d| d.has_waiting_changes()) {
+        // Changes waiting for their dependencies would join the heads when those arrive, which
+        // the deferral could not foresee. Such a document is not deferred, but it need not
+        // stay live: its waiting changes are kept beside it.
+        if !entry.waiting.is_empty() || entry.doc.as_mut().is_some_and(|d| d.has_waiting_changes()) {
+            if self.unsaved.contains(&DocId::Job(job.to_string())) {
+                entry.cold_when_saved = true;
+            } else {
+                entry.freeze(self.shared.as_deref());
+            }
             return;
         }
         // A deferred document is not read until it is brought up to date: keep it cold (a
@@ -957,7 +1054,9 @@ impl Table {
         if entry.doc.is_none() {
             if let Some(shared) = entry.cold.take() {
                 match shared.load(&actor) {
-                    Ok(doc) => {
+                    Ok(mut doc) => {
+                        // None while deferred (see `Entry::waiting`); given back all the same.
+                        doc.restore_waiting(std::mem::take(&mut entry.waiting));
                         entry.doc = Some(doc);
                         log = Some(Log { bytes: shared.bytes.to_vec(), appended: shared.appends });
                     }
@@ -1056,30 +1155,48 @@ impl Table {
     /// held, the message asks the peer for all of it.
     pub fn generate_sync(&mut self, doc_id: &DocId, state: &mut SyncState) -> Option<Vec<u8>> {
         let actor = self.actor.clone();
-        let entry_doc = match doc_id {
-            DocId::Node(id) => self.nodes.get_mut(id).map(|e| e.doc_mut(&actor)),
+        match doc_id {
+            DocId::Node(id) => self.nodes.get_mut(id).map(|e| e.generate_sync(&actor, state)),
             DocId::Job(id) => {
                 if self.tombstones.contains_key(id) {
                     return None;
                 }
-                self.jobs.get_mut(id).map(|e| e.doc_mut(&actor))
+                self.jobs.get_mut(id).map(|e| e.generate_sync(&actor, state))
             }
-        };
-        match entry_doc {
-            Some(Ok(doc)) => doc.generate_sync(state),
-            Some(Err(_)) => None,
-            None => Doc::new(&actor).generate_sync(state),
         }
+        .unwrap_or_else(|| Doc::new(&actor).generate_sync(state))
     }
 
-    /// Receives a sync message for `doc_id`. Returns whether the document moved.
+    /// Receives a sync message for `doc_id`. Returns whether the document moved. A cold
+    /// document the message did not move goes back to its cold state: anti-entropy after a
+    /// partition syncs thousands of documents per node, and each used to stay live.
     pub fn receive_sync(&mut self, doc_id: &DocId, state: &mut SyncState, bytes: &[u8]) -> Result<bool, TableError> {
+        fn cold<R>(map: &BTreeMap<String, Entry<R>>, id: &str) -> Option<Arc<Frozen<R>>> {
+            map.get(id).filter(|e| e.doc.is_none() && e.deferred.is_none()).and_then(|e| e.cold.clone())
+        }
         let message = Doc::parse_sync(bytes)?;
+        let (prior_node, prior_job) = match doc_id {
+            DocId::Node(id) => (cold(&self.nodes, id), None),
+            DocId::Job(id) => (None, cold(&self.jobs, id)),
+        };
         let moved = self.with_remote_doc(doc_id, |doc| doc.receive_sync(state, message))?.unwrap_or(false);
         if moved {
             self.after_change(doc_id);
+            return Ok(true);
         }
-        Ok(moved)
+        match doc_id {
+            DocId::Node(id) => {
+                if let (Some(prior), Some(entry)) = (prior_node, self.nodes.get_mut(id)) {
+                    entry.refreeze(prior);
+                }
+            }
+            DocId::Job(id) => {
+                if let (Some(prior), Some(entry)) = (prior_job, self.jobs.get_mut(id)) {
+                    entry.refreeze(prior);
+                }
+            }
+        }
+        Ok(false)
     }
 
     /// Keeps a job's document cold (saved bytes only) until it is next written or synced.
@@ -1196,7 +1313,8 @@ impl Table {
             // Changes held by a deferred document, after the ones applied before it was
             // deferred: raw change bytes load like an incremental save.
             if let DocId::Job(id) = &doc_id {
-                if let Some(entry) = self.jobs.get_mut(id).filter(|e| e.deferred.is_some()) {
+                if let Some(entry) = self.jobs.get_mut(id).filter(|e| e.deferred.is_some() || e.cold_when_saved) {
+                    entry.cold_when_saved = false;
                     if let Some(deferred) = entry.deferred.as_mut() {
                         if deferred.persisted < deferred.pending.len() {
                             let bytes = concat(&deferred.pending[deferred.persisted..]);
@@ -1236,10 +1354,12 @@ impl Table {
     pub fn snapshot_records(&mut self) -> SnapshotRecords {
         self.materialize_all();
         let mut records = Vec::with_capacity(self.nodes.len() + self.jobs.len() + self.tombstone_order.len());
-        for (id, e) in &mut self.nodes {
+        // A document with no history (hash 0: only changes waiting for their dependencies,
+        // which are never persisted) restores to nothing: it is left out, however it is held.
+        for (id, e) in self.nodes.iter_mut().filter(|(_, e)| e.hash != 0) {
             records.push(encode(&PersistRecord::Doc { doc: DocId::Node(id.clone()), bytes: e.save() }));
         }
-        for (id, e) in &mut self.jobs {
+        for (id, e) in self.jobs.iter_mut().filter(|(_, e)| e.hash != 0) {
             records.push(encode(&PersistRecord::Doc { doc: DocId::Job(id.clone()), bytes: e.save() }));
         }
         for (at_ms, job) in &self.tombstone_order {
