@@ -95,7 +95,7 @@ pub struct Limits {
     /// restart from scratch, which costs one extra round trip each.
     pub sync_sessions: usize,
     /// Persisted bytes appended since the last snapshot before a new snapshot is taken
-    /// (at least; also twice the last snapshot's size).
+    /// (at least; also twice the last snapshot's estimated size, 1 KiB per record).
     pub snapshot_after_bytes: usize,
     /// Documents offered in one anti-entropy summary.
     pub summary_entries: usize,

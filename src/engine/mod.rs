@@ -292,7 +292,8 @@ pub struct Engine {
     next_compaction_ms: u64,
     next_sweep_ms: u64,
     persisted_since_snapshot: usize,
-    last_snapshot_len: usize,
+    /// Records in the last snapshot: the next waits for twice their estimated size of log.
+    last_snapshot_records: usize,
     sends: Vec<(NodeId, Message)>,
     task_outputs: Vec<Output>,
     events: Vec<Event>,
@@ -305,6 +306,10 @@ impl std::fmt::Debug for Engine {
         f.debug_struct("Engine").field("id", &self.id).field("name", &self.config.name).finish_non_exhaustive()
     }
 }
+
+/// A snapshot record's estimated size: a job document saved after its usual seven changes is
+/// about 1.5 KiB, a tombstone a few dozen bytes (see `Engine::flush`).
+const SNAPSHOT_BYTES_PER_RECORD: usize = 1024;
 
 fn task_id(job: &str, index: u32, attempt: u32) -> TaskId {
     format!("{job}/{index}/{attempt}")
@@ -381,7 +386,7 @@ impl Engine {
             next_compaction_ms: now_ms + config.timing.compaction_ms,
             next_sweep_ms: now_ms + sweep_phase + 1,
             persisted_since_snapshot: 0,
-            last_snapshot_len: 0,
+            last_snapshot_records: 0,
             sends: Vec::new(),
             task_outputs: Vec::new(),
             events: Vec::new(),
@@ -1000,10 +1005,17 @@ impl Engine {
             self.persisted_since_snapshot += records.iter().map(Vec::len).sum::<usize>();
             self.outputs.push_back(Output::Persist(records));
         }
-        let threshold = self.config.limits.snapshot_after_bytes.max(self.last_snapshot_len * 2);
+        // The snapshot's size is estimated from its record count, not measured: the bytes of a
+        // cold document depend on how it was encoded (a save, or a save followed by change
+        // chunks), and in the simulator on which node froze a shared state first. Measured
+        // bytes made when a node snapshots, and so its later decisions, depend on other
+        // nodes' timing: with snapshots past 2 MB (hundreds of nodes and jobs), a seed's
+        // result could depend on the simulator's thread count.
+        let estimate = self.last_snapshot_records.saturating_mul(SNAPSHOT_BYTES_PER_RECORD);
+        let threshold = self.config.limits.snapshot_after_bytes.max(estimate * 2);
         if self.persisted_since_snapshot > threshold {
             let snapshot = self.table.snapshot_records();
-            self.last_snapshot_len = snapshot.blob_len();
+            self.last_snapshot_records = snapshot.0.len();
             self.persisted_since_snapshot = 0;
             self.outputs.push_back(Output::Snapshot(snapshot));
         }
