@@ -165,6 +165,22 @@ pub(crate) fn share<R: Shared>(states: Option<&SharedStates>, frozen: Frozen<R>)
     frozen
 }
 
+/// A change waiting for its dependencies, as [`plan`] sees it.
+pub(crate) trait WaitingChange {
+    fn hash(&self) -> ChangeHash;
+    fn deps(&self) -> &[ChangeHash];
+}
+
+impl WaitingChange for (ChangeHash, automerge::Change) {
+    fn hash(&self) -> ChangeHash {
+        self.0
+    }
+
+    fn deps(&self) -> &[ChangeHash] {
+        self.1.deps()
+    }
+}
+
 /// What a batch of changes does to a document at rest (see [`plan`]).
 pub(crate) struct Plan {
     /// Indexes of the changes it applies: not held or waiting, every dependency held or
@@ -183,16 +199,16 @@ pub(crate) struct Plan {
 /// would on the live document: changes held or waiting already are skipped; if none of the
 /// rest can apply, they all wait; otherwise every change among them and the waiting ones
 /// whose dependencies are held or applied with it applies, and the rest wait.
-pub(crate) fn plan<R>(
+pub(crate) fn plan<R, W: WaitingChange>(
     state: Option<&Frozen<R>>,
-    waiting: &[(ChangeHash, automerge::Change)],
+    waiting: &[W],
     changes: &mut [automerge::Change],
 ) -> Plan {
     let held = |h: &ChangeHash| state.is_some_and(|f| f.hashes.binary_search(h).is_ok());
     let hashes: Vec<ChangeHash> = changes.iter_mut().map(|c| c.hash()).collect();
     let mut candidates: Vec<usize> = Vec::new();
     for (i, h) in hashes.iter().enumerate() {
-        if !held(h) && !waiting.iter().any(|(w, _)| w == h) && !candidates.iter().any(|&j| hashes[j] == *h) {
+        if !held(h) && !waiting.iter().any(|w| w.hash() == *h) && !candidates.iter().any(|&j| hashes[j] == *h) {
             candidates.push(i);
         }
     }
@@ -215,10 +231,10 @@ pub(crate) fn plan<R>(
         candidates.iter().map(|&i| (hashes[i], changes[i].deps())).collect();
     let mut ok = fixpoint(&pool);
     if !ok.is_empty() && !waiting.is_empty() {
-        pool.extend(waiting.iter().map(|(h, c)| (*h, c.deps())));
+        pool.extend(waiting.iter().map(|w| (w.hash(), w.deps())));
         ok = fixpoint(&pool);
     }
-    let unlocked: Vec<ChangeHash> = waiting.iter().map(|(h, _)| *h).filter(|h| ok.contains(h)).collect();
+    let unlocked: Vec<ChangeHash> = waiting.iter().map(W::hash).filter(|h| ok.contains(h)).collect();
     let (new, wait): (Vec<usize>, Vec<usize>) = candidates.into_iter().partition(|&i| ok.contains(&hashes[i]));
     let mut heads: Vec<ChangeHash> = state.map_or_else(Vec::new, |f| f.heads.to_vec());
     if !new.is_empty() {
@@ -229,8 +245,8 @@ pub(crate) fn plan<R>(
         heads.extend(new.iter().map(|&i| hashes[i]));
         let deps: Vec<ChangeHash> = waiting
             .iter()
-            .filter(|(h, _)| unlocked.contains(h))
-            .flat_map(|(_, c)| c.deps().iter().copied())
+            .filter(|w| unlocked.contains(&w.hash()))
+            .flat_map(|w| w.deps().iter().copied())
             .chain(new.iter().flat_map(|&i| changes[i].deps().iter().copied()))
             .collect();
         heads.retain(|h| !deps.contains(h));
@@ -291,7 +307,7 @@ mod tests {
         assert!(gap.new.is_empty(), "c3 without c2 cannot apply");
         assert_eq!(gap.wait, vec![0], "c3 waits");
         assert_eq!(gap.heads, at_c1.heads.to_vec(), "the heads stay");
-        assert_eq!(plan::<()>(None, none, &mut parse(&[&c2])).wait, vec![0], "a new document cannot start at c2");
+        assert_eq!(plan::<(), _>(None, none, &mut parse(&[&c2])).wait, vec![0], "a new document cannot start at c2");
 
         // c3 waiting: c2 unlocks it, and both apply; c3 again is skipped as waiting.
         let waiting = vec![(hash_of(&c3), parse(&[&c3]).remove(0))];

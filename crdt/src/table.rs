@@ -66,7 +66,7 @@ struct Entry<R> {
     /// that job then waits; kept live until anti-entropy brought the missing one, such
     /// documents were 193,000 live Automerge documents (18 KiB each) at 1,000 simulated
     /// nodes, and what ran the simulator out of memory.
-    waiting: Vec<(ChangeHash, automerge::Change)>,
+    waiting: Vec<Waiting>,
     /// Set when the document should go cold but had changes not yet on disk: it goes cold
     /// once they are (`take_persist_records`), unless it is written to before.
     cold_when_saved: bool,
@@ -130,6 +130,44 @@ impl std::ops::Deref for Held {
     }
 }
 
+/// A change waiting beside a cold document: its hash and dependencies, and its bytes shared
+/// with the batch that brought it. About 100 bytes, where a parsed change is several times
+/// its bytes: under message loss the waiting changes of 200 simulated nodes were 600 MB
+/// parsed.
+pub(crate) struct Waiting {
+    hash: ChangeHash,
+    deps: Box<[ChangeHash]>,
+    bytes: Held,
+}
+
+impl Waiting {
+    fn new(change: &mut automerge::Change, bytes: Held) -> Waiting {
+        Waiting { hash: change.hash(), deps: change.deps().into(), bytes }
+    }
+
+    /// For a change that came parsed (out of a live document): its bytes on their own.
+    fn from_parsed((hash, change): (ChangeHash, automerge::Change)) -> Waiting {
+        let bytes = Held { batch: Arc::from(vec![change.raw_bytes().to_vec()]), index: 0 };
+        Waiting { hash, deps: change.deps().into(), bytes }
+    }
+
+    /// Parsed again, for a live document. The bytes parsed once already; should they not now,
+    /// the change is dropped (anti-entropy brings it again).
+    fn parse(waiting: Vec<Waiting>) -> Vec<(ChangeHash, automerge::Change)> {
+        waiting.into_iter().filter_map(|w| Doc::parse_changes(&[&*w.bytes]).ok()?.pop().map(|c| (w.hash, c))).collect()
+    }
+}
+
+impl frozen::WaitingChange for Waiting {
+    fn hash(&self) -> ChangeHash {
+        self.hash
+    }
+
+    fn deps(&self) -> &[ChangeHash] {
+        &self.deps
+    }
+}
+
 /// The bytes of `held`, one after another (raw change chunks load like an incremental save).
 fn concat(held: &[Held]) -> Vec<u8> {
     let mut out = Vec::with_capacity(held.iter().map(|h| h.len()).sum());
@@ -167,7 +205,7 @@ impl<R: Default + Shared> Entry<R> {
                 Some(f) => f.load(actor)?,
                 None => Doc::load(&[], actor)?,
             };
-            doc.restore_waiting(std::mem::take(&mut self.waiting));
+            doc.restore_waiting(Waiting::parse(std::mem::take(&mut self.waiting)));
             self.cold = None;
             self.doc = Some(doc);
         }
@@ -183,7 +221,7 @@ impl<R: Default + Shared> Entry<R> {
         if live.has_queued_in_automerge() {
             return;
         }
-        let waiting = live.take_waiting();
+        let waiting: Vec<Waiting> = live.take_waiting().into_iter().map(Waiting::from_parsed).collect();
         if !waiting.is_empty() && live.is_empty() {
             // Nothing applied yet: the document is absent, only its waiting changes are held.
             self.doc = None;
@@ -228,7 +266,7 @@ impl<R: Default + Shared> Entry<R> {
         if *heads != *prior.heads {
             return;
         }
-        self.waiting = doc.take_waiting();
+        self.waiting = doc.take_waiting().into_iter().map(Waiting::from_parsed).collect();
         self.doc = None;
         self.log = None;
         self.cold = Some(prior);
@@ -246,25 +284,37 @@ impl<R: Default + Shared> Entry<R> {
 
     /// For a cold document: its bytes and appends, the base of a log (see [`Entry::log`]).
     fn log_base(&self) -> Option<(Vec<u8>, u32)> {
-        // Waiting changes go into the document on loading: a failed apply must not lose them,
-        // so such a document takes the protective copy instead.
-        if self.doc.is_some() || !self.waiting.is_empty() {
+        if self.doc.is_some() {
             return None;
         }
         self.cold.as_ref().map(|f| (f.bytes.to_vec(), f.appends))
     }
 
-    /// After `changes` were applied to the document loaded from `base`: the log, unless
-    /// changes wait inside Automerge (a log must load to exactly this document) or the log is
-    /// long enough that the next freeze should encode afresh.
-    fn append_log(&mut self, mut base: Vec<u8>, appended: u32, changes: &[Vec<u8>]) {
-        let complete = self.doc.as_mut().is_some_and(|d| !d.has_waiting_changes());
-        if complete && appended < MAX_LOG_APPENDS {
-            for change in changes {
-                base.extend_from_slice(change);
-            }
+    /// After changes were applied to the document just loaded from `base`: the log (`base`
+    /// followed by the chunks of exactly the changes applied, which the document tracks
+    /// since it was loaded; changes left waiting are not among them), unless changes wait
+    /// inside Automerge itself (a log must load to exactly this document) or the log is long
+    /// enough that the next freeze should encode afresh.
+    fn append_log(&mut self, mut base: Vec<u8>, appended: u32) {
+        let Some(doc) = self.doc.as_mut() else { return };
+        if appended >= MAX_LOG_APPENDS || doc.has_queued_in_automerge() {
+            return;
+        }
+        if let Some(applied) = doc.unsaved_chunks() {
+            base.extend_from_slice(applied);
             self.log = Some(Log { bytes: base, appended: appended + 1 });
         }
+    }
+
+    /// After an unguarded apply failed on the document loaded from `base`: the document as
+    /// loaded, with the changes that were waiting in it (a failed apply leaves them as they
+    /// were).
+    fn reload(&mut self, base: &[u8], actor: &ActorId) {
+        let waiting = self.doc.as_mut().map(Doc::take_waiting).unwrap_or_default();
+        self.doc = Doc::load(base, actor).ok().map(|mut doc| {
+            doc.restore_waiting(waiting);
+            doc
+        });
     }
 
     fn save(&mut self) -> Vec<u8> {
@@ -758,7 +808,7 @@ impl Table {
                 return Ok(moved);
             }
         }
-        if let Some(moved) = self.apply_without_loading(doc_id, &mut parsed, changes) {
+        if let Some(moved) = self.apply_without_loading(doc_id, &mut parsed, batch) {
             return Ok(moved);
         }
         // A job document that is new here or cold: its bytes followed by these changes
@@ -789,8 +839,8 @@ impl Table {
         if moved {
             if let Some((base, appended)) = prior {
                 match doc_id {
-                    DocId::Job(id) => self.jobs.get_mut(id).map(|e| e.append_log(base, appended, changes)),
-                    DocId::Node(id) => self.nodes.get_mut(id).map(|e| e.append_log(base, appended, changes)),
+                    DocId::Job(id) => self.jobs.get_mut(id).map(|e| e.append_log(base, appended)),
+                    DocId::Node(id) => self.nodes.get_mut(id).map(|e| e.append_log(base, appended)),
                 };
             }
             self.after_change(doc_id);
@@ -808,8 +858,9 @@ impl Table {
         &mut self,
         doc_id: &DocId,
         parsed: &mut [automerge::Change],
-        changes: &[Vec<u8>],
+        batch: &Arc<[Vec<u8>]>,
     ) -> Option<bool> {
+        let changes: &[Vec<u8>] = batch;
         enum Outcome<R> {
             Nothing,
             /// `unlocked`: the raw bytes of waiting changes applied with `new`, before them.
@@ -826,16 +877,18 @@ impl Table {
             map: &mut BTreeMap<String, Entry<R>>,
             id: &str,
             parsed: &mut [automerge::Change],
+            batch: &Arc<[Vec<u8>]>,
         ) -> Option<Outcome<R>> {
             let plan = match map.get(id) {
-                None => frozen::plan::<R>(None, &[], parsed),
+                None => frozen::plan::<R, Waiting>(None, &[], parsed),
                 Some(e) if e.doc.is_none() && e.deferred.is_none() => {
                     frozen::plan(e.cold.as_deref(), &e.waiting, parsed)
                 }
                 Some(_) => return None,
             };
-            let wait = |parsed: &mut [automerge::Change]| -> Vec<(ChangeHash, automerge::Change)> {
-                plan.wait.iter().map(|&i| (parsed[i].hash(), parsed[i].clone())).collect()
+            let wait = |parsed: &mut [automerge::Change]| -> Vec<Waiting> {
+                let held = |index| Held { batch: batch.clone(), index };
+                plan.wait.iter().map(|&i| Waiting::new(&mut parsed[i], held(i))).collect()
             };
             if plan.new.is_empty() {
                 if !plan.wait.is_empty() {
@@ -848,12 +901,12 @@ impl Table {
             let entry = map.entry(id.to_string()).or_insert_with(Entry::absent);
             entry.log = None;
             let mut unlocked = Vec::new();
-            for (h, change) in &entry.waiting {
-                if plan.unlocked.contains(h) {
-                    unlocked.extend_from_slice(change.raw_bytes());
+            for w in &entry.waiting {
+                if plan.unlocked.contains(&w.hash) {
+                    unlocked.extend_from_slice(&w.bytes);
                 }
             }
-            entry.waiting.retain(|(h, _)| !plan.unlocked.contains(h));
+            entry.waiting.retain(|w| !plan.unlocked.contains(&w.hash));
             push_waiting(&mut entry.waiting, wait(parsed));
             let previous = std::mem::replace(&mut entry.record, shared.record.clone());
             entry.cold = Some(shared);
@@ -861,7 +914,7 @@ impl Table {
         }
         let (old_hash, new_hash, applied, mut bytes) = match doc_id {
             DocId::Job(id) if self.tombstones.contains_key(id) => return Some(false),
-            DocId::Job(id) => match adopt(self.shared.as_deref(), &mut self.jobs, id, parsed)? {
+            DocId::Job(id) => match adopt(self.shared.as_deref(), &mut self.jobs, id, parsed, batch)? {
                 Outcome::Nothing => return Some(false),
                 Outcome::Adopted { old, heads, new, unlocked, .. } => {
                     let hash = entry_hash(doc_id, Some(heads_hash(&heads)));
@@ -871,7 +924,7 @@ impl Table {
                     (old, hash, new, unlocked)
                 }
             },
-            DocId::Node(id) => match adopt(self.shared.as_deref(), &mut self.nodes, id, parsed)? {
+            DocId::Node(id) => match adopt(self.shared.as_deref(), &mut self.nodes, id, parsed, batch)? {
                 Outcome::Nothing => return Some(false),
                 Outcome::Adopted { previous, old, heads, new, unlocked } => {
                     if *id == self.local {
@@ -907,12 +960,12 @@ impl Table {
             }
             DocId::Node(id) => {
                 if let Some(e) = self.nodes.get_mut(id) {
-                    e.doc = Doc::load(base, &actor).ok();
+                    e.reload(base, &actor);
                 }
             }
             DocId::Job(id) => {
                 if let Some(e) = self.jobs.get_mut(id) {
-                    e.doc = Doc::load(base, &actor).ok();
+                    e.reload(base, &actor);
                 }
             }
         }
@@ -1056,7 +1109,7 @@ impl Table {
                 match shared.load(&actor) {
                     Ok(mut doc) => {
                         // None while deferred (see `Entry::waiting`); given back all the same.
-                        doc.restore_waiting(std::mem::take(&mut entry.waiting));
+                        doc.restore_waiting(Waiting::parse(std::mem::take(&mut entry.waiting)));
                         entry.doc = Some(doc);
                         log = Some(Log { bytes: shared.bytes.to_vec(), appended: shared.appends });
                     }
