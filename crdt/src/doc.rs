@@ -6,6 +6,7 @@ use automerge::sync::SyncDoc;
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, AutoCommit, Change, ChangeHash, ReadDoc, ScalarValueRef, ValueRef, ROOT};
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 /// Errors from Automerge on remote input. The document is unchanged when one is returned.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +58,77 @@ fn drop_patch_events(am: &mut AutoCommit) {
     am.reset_diff_cursor();
 }
 
+/// One held change's bytes, shared with the batch that brought it: a change pushed to every
+/// peer of a simulation is one allocation however many of them hold it (a copy per holder was
+/// the largest single use of memory at 400 nodes).
+#[derive(Clone)]
+pub(crate) struct Held {
+    pub batch: Arc<[Vec<u8>]>,
+    pub index: usize,
+}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl std::ops::Deref for Held {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.batch[self.index]
+    }
+}
+
+/// A change waiting for its dependencies, in a live document or beside a cold one: its hash
+/// and dependencies, and its bytes shared with the batch that brought it. About 100 bytes,
+/// where a parsed change is several times its bytes (under message loss the waiting changes
+/// of 200 simulated nodes were 600 MB parsed), and parsed again only when it applies (parsed
+/// on every load of its document, they were a fifth of a fault episode at 1,000 nodes).
+#[derive(Clone)]
+pub(crate) struct Waiting {
+    hash: ChangeHash,
+    deps: Box<[ChangeHash]>,
+    bytes: Held,
+}
+
+impl Waiting {
+    pub fn new(change: &mut Change, bytes: Held) -> Waiting {
+        Waiting { hash: change.hash(), deps: change.deps().into(), bytes }
+    }
+
+    /// For a change that came parsed without its batch: its bytes on their own.
+    fn from_parsed((hash, change): (ChangeHash, Change)) -> Waiting {
+        let bytes = Held { batch: Arc::from(vec![change.raw_bytes().to_vec()]), index: 0 };
+        Waiting { hash, deps: change.deps().into(), bytes }
+    }
+
+    /// Parsed again, to apply. The bytes parsed once already; should they not now, the
+    /// change is dropped (anti-entropy brings it again).
+    fn parse(&self) -> Option<Change> {
+        Doc::parse_changes(&[&*self.bytes]).ok()?.pop()
+    }
+
+    pub fn hash(&self) -> ChangeHash {
+        self.hash
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl crate::frozen::WaitingChange for Waiting {
+    fn hash(&self) -> ChangeHash {
+        self.hash
+    }
+
+    fn deps(&self) -> &[ChangeHash] {
+        &self.deps
+    }
+}
+
 /// A flat string map in one Automerge document.
 pub(crate) struct Doc {
     // Boxed: an AutoCommit is 4 KiB inline, and tables hold documents in BTreeMap nodes of
@@ -74,7 +146,7 @@ pub(crate) struct Doc {
     unsaved_raw: Option<Vec<u8>>,
     /// Changes received before their dependencies, applied once those arrive (see
     /// [`Doc::apply_changes`]).
-    waiting: Vec<(ChangeHash, Change)>,
+    waiting: Vec<Waiting>,
 }
 
 /// What a batch of changes does to a document (see [`Doc::ready`]).
@@ -85,7 +157,7 @@ struct Ready {
     /// Waiting changes among them.
     unlocked: BTreeSet<ChangeHash>,
     /// New changes that must wait.
-    wait: Vec<(ChangeHash, Change)>,
+    wait: Vec<Waiting>,
 }
 
 /// Changes a document holds for missing dependencies, at most. Past it the oldest are
@@ -237,7 +309,7 @@ impl Doc {
         apply_caught(&mut copy, ready.apply)?;
         self.am = copy;
         self.note_unsaved(raw.as_deref());
-        self.waiting.retain(|(h, _)| !ready.unlocked.contains(h));
+        self.waiting.retain(|w| !ready.unlocked.contains(&w.hash));
         self.add_waiting(ready.wait);
         Ok(self.am.get_heads() != before)
     }
@@ -257,7 +329,7 @@ impl Doc {
         let raw = self.unsaved_raw.is_some().then(|| raw_chunks(&ready.apply));
         apply_caught(&mut self.am, ready.apply)?;
         self.note_unsaved(raw.as_deref());
-        self.waiting.retain(|(h, _)| !ready.unlocked.contains(h));
+        self.waiting.retain(|w| !ready.unlocked.contains(&w.hash));
         self.add_waiting(ready.wait);
         Ok(self.am.get_heads() != before)
     }
@@ -284,22 +356,23 @@ impl Doc {
         let mut new: Vec<(ChangeHash, Change)> = changes.into_iter().map(|c| (c.hash(), c)).collect();
         let hashes: Vec<ChangeHash> = new.iter().map(|(h, _)| *h).collect();
         let not_held: BTreeSet<ChangeHash> = self.am.get_missing_deps(&hashes).into_iter().collect();
-        let mut seen: BTreeSet<ChangeHash> = self.waiting.iter().map(|(h, _)| *h).collect();
+        let mut seen: BTreeSet<ChangeHash> = self.waiting.iter().map(Waiting::hash).collect();
         new.retain(|(h, _)| not_held.contains(h) && seen.insert(*h));
         if new.is_empty() {
             return Ready::default();
         }
-        let deps = |list: &[(ChangeHash, Change)]| -> Vec<ChangeHash> {
-            list.iter().flat_map(|(_, c)| c.deps().iter().copied()).collect()
+        let mut pool: Vec<(ChangeHash, &[ChangeHash])> = new.iter().map(|(h, c)| (*h, c.deps())).collect();
+        let deps = |pool: &[(ChangeHash, &[ChangeHash])]| -> Vec<ChangeHash> {
+            pool.iter().flat_map(|(_, deps)| deps.iter().copied()).collect()
         };
-        let mut absent: BTreeSet<ChangeHash> = self.am.get_missing_deps(&deps(&new)).into_iter().collect();
+        let mut absent: BTreeSet<ChangeHash> = self.am.get_missing_deps(&deps(&pool)).into_iter().collect();
         // The ready set: changes whose every dependency is held or ready, to a fixed point.
-        let fixpoint = |pool: &[&(ChangeHash, Change)], absent: &BTreeSet<ChangeHash>| {
+        let fixpoint = |pool: &[(ChangeHash, &[ChangeHash])], absent: &BTreeSet<ChangeHash>| {
             let mut ok: BTreeSet<ChangeHash> = BTreeSet::new();
             loop {
                 let before = ok.len();
-                for (h, c) in pool {
-                    if !ok.contains(h) && c.deps().iter().all(|d| !absent.contains(d) || ok.contains(d)) {
+                for (h, deps) in pool {
+                    if !ok.contains(h) && deps.iter().all(|d| !absent.contains(d) || ok.contains(d)) {
                         ok.insert(*h);
                     }
                 }
@@ -308,25 +381,29 @@ impl Doc {
                 }
             }
         };
-        let mut ok = fixpoint(&new.iter().collect::<Vec<_>>(), &absent);
-        if ok.is_empty() {
-            return Ready { apply: Vec::new(), unlocked: BTreeSet::new(), wait: new };
-        }
-        if !self.waiting.is_empty() {
-            absent.extend(self.am.get_missing_deps(&deps(&self.waiting)));
-            let pool: Vec<&(ChangeHash, Change)> = new.iter().chain(self.waiting.iter()).collect();
+        let mut ok = fixpoint(&pool, &absent);
+        if !ok.is_empty() && !self.waiting.is_empty() {
+            let waiting: Vec<(ChangeHash, &[ChangeHash])> = self.waiting.iter().map(|w| (w.hash, &*w.deps)).collect();
+            absent.extend(self.am.get_missing_deps(&deps(&waiting)));
+            pool.extend(waiting);
             ok = fixpoint(&pool, &absent);
         }
-        let unlocked: BTreeSet<ChangeHash> = self.waiting.iter().map(|(h, _)| *h).filter(|h| ok.contains(h)).collect();
+        drop(pool);
+        if ok.is_empty() {
+            let wait = new.into_iter().map(Waiting::from_parsed).collect();
+            return Ready { apply: Vec::new(), unlocked: BTreeSet::new(), wait };
+        }
+        let unlocked: BTreeSet<ChangeHash> =
+            self.waiting.iter().map(Waiting::hash).filter(|h| ok.contains(h)).collect();
         let mut apply: Vec<Change> =
-            self.waiting.iter().filter(|(h, _)| unlocked.contains(h)).map(|(_, c)| c.clone()).collect();
+            self.waiting.iter().filter(|w| unlocked.contains(&w.hash)).filter_map(Waiting::parse).collect();
         let (now, wait): (Vec<_>, Vec<_>) = new.into_iter().partition(|(h, _)| ok.contains(h));
         apply.extend(now.into_iter().map(|(_, c)| c));
-        Ready { apply, unlocked, wait }
+        Ready { apply, unlocked, wait: wait.into_iter().map(Waiting::from_parsed).collect() }
     }
 
     /// Adds changes to the waiting ones, dropping the oldest past [`MAX_WAITING`].
-    fn add_waiting(&mut self, changes: Vec<(ChangeHash, Change)>) {
+    fn add_waiting(&mut self, changes: Vec<Waiting>) {
         push_waiting(&mut self.waiting, changes);
     }
 
@@ -345,13 +422,13 @@ impl Doc {
     /// Takes the changes waiting for dependencies, in arrival order: a table keeps them
     /// beside the document while it is cold, and gives them back with
     /// [`Doc::restore_waiting`] when it is loaded again.
-    pub fn take_waiting(&mut self) -> Vec<(ChangeHash, Change)> {
+    pub fn take_waiting(&mut self) -> Vec<Waiting> {
         std::mem::take(&mut self.waiting)
     }
 
     /// Gives back changes taken with [`Doc::take_waiting`] to a document loaded since; they
     /// go before any that wait already (none, for a freshly loaded document).
-    pub fn restore_waiting(&mut self, mut waiting: Vec<(ChangeHash, Change)>) {
+    pub fn restore_waiting(&mut self, mut waiting: Vec<Waiting>) {
         waiting.append(&mut self.waiting);
         self.waiting = waiting;
     }
@@ -442,9 +519,9 @@ impl Doc {
                 self.unsaved_raw = None;
                 // Waiting changes the message brought are held now: they wait no more.
                 if !self.waiting.is_empty() {
-                    let hashes: Vec<ChangeHash> = self.waiting.iter().map(|(h, _)| *h).collect();
+                    let hashes: Vec<ChangeHash> = self.waiting.iter().map(Waiting::hash).collect();
                     let absent: BTreeSet<ChangeHash> = self.am.get_missing_deps(&hashes).into_iter().collect();
-                    self.waiting.retain(|(h, _)| absent.contains(h));
+                    self.waiting.retain(|w| absent.contains(&w.hash));
                 }
                 Ok(self.am.get_heads() != before)
             }

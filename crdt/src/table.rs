@@ -13,7 +13,7 @@
 //! A job's history lives and dies with the job: compaction drops the whole document, and a
 //! bounded tombstone list keeps peers from handing it back. See ARCHITECTURE.md.
 
-use crate::doc::{heads_hash, push_waiting, Doc, DocError, SyncState};
+use crate::doc::{heads_hash, push_waiting, Doc, DocError, Held, SyncState, Waiting};
 use crate::frozen::{self, Frozen, Shared, SharedStates};
 use crate::hash::{mix64, stable_hash};
 use crate::records::{
@@ -107,67 +107,6 @@ struct Deferred {
     persisted: usize,
 }
 
-/// One held change's bytes, shared with the batch that brought it: a change pushed to every
-/// peer of a simulation is one allocation however many of them hold it (a copy per holder was
-/// the largest single use of memory at 400 nodes).
-#[derive(Clone)]
-struct Held {
-    batch: Arc<[Vec<u8>]>,
-    index: usize,
-}
-
-impl AsRef<[u8]> for Held {
-    fn as_ref(&self) -> &[u8] {
-        self
-    }
-}
-
-impl std::ops::Deref for Held {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        &self.batch[self.index]
-    }
-}
-
-/// A change waiting beside a cold document: its hash and dependencies, and its bytes shared
-/// with the batch that brought it. About 100 bytes, where a parsed change is several times
-/// its bytes: under message loss the waiting changes of 200 simulated nodes were 600 MB
-/// parsed.
-pub(crate) struct Waiting {
-    hash: ChangeHash,
-    deps: Box<[ChangeHash]>,
-    bytes: Held,
-}
-
-impl Waiting {
-    fn new(change: &mut automerge::Change, bytes: Held) -> Waiting {
-        Waiting { hash: change.hash(), deps: change.deps().into(), bytes }
-    }
-
-    /// For a change that came parsed (out of a live document): its bytes on their own.
-    fn from_parsed((hash, change): (ChangeHash, automerge::Change)) -> Waiting {
-        let bytes = Held { batch: Arc::from(vec![change.raw_bytes().to_vec()]), index: 0 };
-        Waiting { hash, deps: change.deps().into(), bytes }
-    }
-
-    /// Parsed again, for a live document. The bytes parsed once already; should they not now,
-    /// the change is dropped (anti-entropy brings it again).
-    fn parse(waiting: Vec<Waiting>) -> Vec<(ChangeHash, automerge::Change)> {
-        waiting.into_iter().filter_map(|w| Doc::parse_changes(&[&*w.bytes]).ok()?.pop().map(|c| (w.hash, c))).collect()
-    }
-}
-
-impl frozen::WaitingChange for Waiting {
-    fn hash(&self) -> ChangeHash {
-        self.hash
-    }
-
-    fn deps(&self) -> &[ChangeHash] {
-        &self.deps
-    }
-}
-
 /// The bytes of `held`, one after another (raw change chunks load like an incremental save).
 fn concat(held: &[Held]) -> Vec<u8> {
     let mut out = Vec::with_capacity(held.iter().map(|h| h.len()).sum());
@@ -205,7 +144,7 @@ impl<R: Default + Shared> Entry<R> {
                 Some(f) => f.load(actor)?,
                 None => Doc::load(&[], actor)?,
             };
-            doc.restore_waiting(Waiting::parse(std::mem::take(&mut self.waiting)));
+            doc.restore_waiting(std::mem::take(&mut self.waiting));
             self.cold = None;
             self.doc = Some(doc);
         }
@@ -221,7 +160,7 @@ impl<R: Default + Shared> Entry<R> {
         if live.has_queued_in_automerge() {
             return;
         }
-        let waiting: Vec<Waiting> = live.take_waiting().into_iter().map(Waiting::from_parsed).collect();
+        let waiting = live.take_waiting();
         if !waiting.is_empty() && live.is_empty() {
             // Nothing applied yet: the document is absent, only its waiting changes are held.
             self.doc = None;
@@ -266,7 +205,7 @@ impl<R: Default + Shared> Entry<R> {
         if *heads != *prior.heads {
             return;
         }
-        self.waiting = doc.take_waiting().into_iter().map(Waiting::from_parsed).collect();
+        self.waiting = doc.take_waiting();
         self.doc = None;
         self.log = None;
         self.cold = Some(prior);
@@ -902,11 +841,11 @@ impl Table {
             entry.log = None;
             let mut unlocked = Vec::new();
             for w in &entry.waiting {
-                if plan.unlocked.contains(&w.hash) {
-                    unlocked.extend_from_slice(&w.bytes);
+                if plan.unlocked.contains(&w.hash()) {
+                    unlocked.extend_from_slice(w.bytes());
                 }
             }
-            entry.waiting.retain(|w| !plan.unlocked.contains(&w.hash));
+            entry.waiting.retain(|w| !plan.unlocked.contains(&w.hash()));
             push_waiting(&mut entry.waiting, wait(parsed));
             let previous = std::mem::replace(&mut entry.record, shared.record.clone());
             entry.cold = Some(shared);
@@ -1109,7 +1048,7 @@ impl Table {
                 match shared.load(&actor) {
                     Ok(mut doc) => {
                         // None while deferred (see `Entry::waiting`); given back all the same.
-                        doc.restore_waiting(Waiting::parse(std::mem::take(&mut entry.waiting)));
+                        doc.restore_waiting(std::mem::take(&mut entry.waiting));
                         entry.doc = Some(doc);
                         log = Some(Log { bytes: shared.bytes.to_vec(), appended: shared.appends });
                     }
