@@ -1010,7 +1010,10 @@ impl Engine {
         // chunks), and in the simulator on which node froze a shared state first. Measured
         // bytes made when a node snapshots, and so its later decisions, depend on other
         // nodes' timing: with snapshots past 2 MB (hundreds of nodes and jobs), a seed's
-        // result could depend on the simulator's thread count.
+        // result could depend on the simulator's thread count. One such dependence remains:
+        // `persisted_since_snapshot` counts record bytes, and a change taken from a shared
+        // state is one raw record where a live document's next write would have joined it
+        // in one incremental save (a record header apart).
         let estimate = self.last_snapshot_records.saturating_mul(SNAPSHOT_BYTES_PER_RECORD);
         let threshold = self.config.limits.snapshot_after_bytes.max(estimate * 2);
         if self.persisted_since_snapshot > threshold {
