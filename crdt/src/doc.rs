@@ -164,6 +164,27 @@ struct Ready {
 /// dropped: anti-entropy brings them again with their dependencies.
 const MAX_WAITING: usize = 1024;
 
+/// The changes of `pool` (hash, dependencies) that apply together: every dependency `held`
+/// or itself in the set, to a fixed point. The one rule for live documents ([`Doc::ready`])
+/// and for planning on cold ones (`frozen::plan`).
+pub(crate) fn ready_set(
+    pool: &[(ChangeHash, &[ChangeHash])],
+    held: impl Fn(&ChangeHash) -> bool,
+) -> BTreeSet<ChangeHash> {
+    let mut ok: BTreeSet<ChangeHash> = BTreeSet::new();
+    loop {
+        let before = ok.len();
+        for (h, deps) in pool {
+            if !ok.contains(h) && deps.iter().all(|d| held(d) || ok.contains(d)) {
+                ok.insert(*h);
+            }
+        }
+        if ok.len() == before {
+            return ok;
+        }
+    }
+}
+
 /// Appends `changes` to a waiting list, dropping the oldest past [`MAX_WAITING`]. The one rule
 /// for live documents and for a table's cold ones alike.
 pub(crate) fn push_waiting<T>(list: &mut Vec<T>, changes: Vec<T>) {
@@ -367,26 +388,12 @@ impl Doc {
         };
         let mut absent: BTreeSet<ChangeHash> = self.am.get_missing_deps(&deps(&pool)).into_iter().collect();
         // The ready set: changes whose every dependency is held or ready, to a fixed point.
-        let fixpoint = |pool: &[(ChangeHash, &[ChangeHash])], absent: &BTreeSet<ChangeHash>| {
-            let mut ok: BTreeSet<ChangeHash> = BTreeSet::new();
-            loop {
-                let before = ok.len();
-                for (h, deps) in pool {
-                    if !ok.contains(h) && deps.iter().all(|d| !absent.contains(d) || ok.contains(d)) {
-                        ok.insert(*h);
-                    }
-                }
-                if ok.len() == before {
-                    return ok;
-                }
-            }
-        };
-        let mut ok = fixpoint(&pool, &absent);
+        let mut ok = ready_set(&pool, |d| !absent.contains(d));
         if !ok.is_empty() && !self.waiting.is_empty() {
             let waiting: Vec<(ChangeHash, &[ChangeHash])> = self.waiting.iter().map(|w| (w.hash, &*w.deps)).collect();
             absent.extend(self.am.get_missing_deps(&deps(&waiting)));
             pool.extend(waiting);
-            ok = fixpoint(&pool, &absent);
+            ok = ready_set(&pool, |d| !absent.contains(d));
         }
         drop(pool);
         if ok.is_empty() {

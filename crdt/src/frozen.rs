@@ -14,7 +14,7 @@
 //! simulator of 1,000 nodes repeats every job's every state on every node, and loading,
 //! applying and re-encoding those states were most of its time.
 
-use crate::doc::{Doc, DocError};
+use crate::doc::{ready_set, Doc, DocError};
 use crate::records::{JobRecord, NodeRecord};
 use automerge::{ActorId, ChangeHash};
 use std::collections::HashMap;
@@ -212,27 +212,12 @@ pub(crate) fn plan<R, W: WaitingChange>(
             candidates.push(i);
         }
     }
-    // The changes whose every dependency is held or among them, to a fixed point.
-    let fixpoint = |pool: &[(ChangeHash, &[ChangeHash])]| {
-        let mut ok: Vec<ChangeHash> = Vec::new();
-        loop {
-            let before = ok.len();
-            for (h, deps) in pool {
-                if !ok.contains(h) && deps.iter().all(|d| held(d) || ok.contains(d)) {
-                    ok.push(*h);
-                }
-            }
-            if ok.len() == before {
-                return ok;
-            }
-        }
-    };
     let mut pool: Vec<(ChangeHash, &[ChangeHash])> =
         candidates.iter().map(|&i| (hashes[i], changes[i].deps())).collect();
-    let mut ok = fixpoint(&pool);
+    let mut ok = ready_set(&pool, held);
     if !ok.is_empty() && !waiting.is_empty() {
         pool.extend(waiting.iter().map(|w| (w.hash(), w.deps())));
-        ok = fixpoint(&pool);
+        ok = ready_set(&pool, held);
     }
     let unlocked: Vec<ChangeHash> = waiting.iter().map(W::hash).filter(|h| ok.contains(h)).collect();
     let (new, wait): (Vec<usize>, Vec<usize>) = candidates.into_iter().partition(|&i| ok.contains(&hashes[i]));
