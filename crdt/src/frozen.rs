@@ -57,9 +57,11 @@ impl<R> Frozen<R> {
         if let Some(doc) = self.live.get() {
             let mut copy = doc.copy(actor);
             copy.mark_saved();
+            copy.set_change_hashes(&self.hashes);
             return Ok(copy);
         }
-        let doc = Doc::load(&self.bytes, actor)?;
+        let mut doc = Doc::load(&self.bytes, actor)?;
+        doc.set_change_hashes(&self.hashes);
         let copy = doc.copy(actor);
         let _ = self.live.set(doc);
         Ok(copy)
@@ -205,6 +207,18 @@ pub(crate) fn plan<R, W: WaitingChange>(
     changes: &mut [automerge::Change],
 ) -> Plan {
     let held = |h: &ChangeHash| state.is_some_and(|f| f.hashes.binary_search(h).is_ok());
+    let heads = state.map_or(&[][..], |f| &f.heads[..]);
+    plan_held(held, heads, waiting, changes)
+}
+
+/// [`plan`] for a document whose history is told by `held` and whose heads are `heads`:
+/// also a deferred document's, its held changes counted in.
+pub(crate) fn plan_held<W: WaitingChange>(
+    held: impl Fn(&ChangeHash) -> bool,
+    heads: &[ChangeHash],
+    waiting: &[W],
+    changes: &mut [automerge::Change],
+) -> Plan {
     let hashes: Vec<ChangeHash> = changes.iter_mut().map(|c| c.hash()).collect();
     let mut candidates: Vec<usize> = Vec::new();
     for (i, h) in hashes.iter().enumerate() {
@@ -214,14 +228,14 @@ pub(crate) fn plan<R, W: WaitingChange>(
     }
     let mut pool: Vec<(ChangeHash, &[ChangeHash])> =
         candidates.iter().map(|&i| (hashes[i], changes[i].deps())).collect();
-    let mut ok = ready_set(&pool, held);
+    let mut ok = ready_set(&pool, &held);
     if !ok.is_empty() && !waiting.is_empty() {
         pool.extend(waiting.iter().map(|w| (w.hash(), w.deps())));
-        ok = ready_set(&pool, held);
+        ok = ready_set(&pool, &held);
     }
     let unlocked: Vec<ChangeHash> = waiting.iter().map(W::hash).filter(|h| ok.contains(h)).collect();
     let (new, wait): (Vec<usize>, Vec<usize>) = candidates.into_iter().partition(|&i| ok.contains(&hashes[i]));
-    let mut heads: Vec<ChangeHash> = state.map_or_else(Vec::new, |f| f.heads.to_vec());
+    let mut heads: Vec<ChangeHash> = heads.to_vec();
     if !new.is_empty() {
         // A waiting change can be held already (it came since by a sync message): it is
         // unlocked and dropped from the waiting ones as the live document does, but it is

@@ -88,23 +88,24 @@ const MAX_LOG_APPENDS: u32 = 2;
 /// Remote changes to a deferred document: held as bytes, counted in the digest, persisted,
 /// and applied in one batch when the document is next needed.
 struct Deferred {
-    /// Changes the document is known to hold when deferred, sorted: every change of its
-    /// history when it was cold (shared with its frozen state), else its heads. With `added`,
-    /// the changes known; a change that depends on anything else (one not yet received, or
-    /// an older change when only heads are known) is not deferred: the document is brought up
-    /// to date and applies it the usual way.
+    /// Every change of the document's history when it was deferred, sorted (shared with its
+    /// frozen state when it was cold). With `added`, the changes held.
     known: Arc<[ChangeHash]>,
     /// Changes held since.
     added: Vec<ChangeHash>,
-    /// Whether `known` is every change of the history: then a change without dependencies is
-    /// new, not an old duplicate.
-    complete: bool,
     /// The heads the document will have once `pending` is applied.
     heads: Vec<ChangeHash>,
     /// Change bytes in causal order.
     pending: Vec<Held>,
     /// `pending[..persisted]` are already in a persist record.
     persisted: usize,
+    /// Changes that wait for dependencies the deferral does not hold, in arrival order, as
+    /// a live document keeps them ([`frozen::plan_held`] decides what waits, by the live
+    /// document's rule). Never persisted, like a live document's; they go into the document
+    /// when it is brought up to date. Under a partition most changes of a job reach a node
+    /// before some change they depend on, and bringing the job up to date for each (load,
+    /// apply, encode, in a state no other node reached) was most of a 1,000-node ring episode.
+    waiting: Vec<Waiting>,
 }
 
 /// The bytes of `held`, one after another (raw change chunks load like an incremental save).
@@ -243,6 +244,36 @@ impl<R: Default + Shared> Entry<R> {
             base.extend_from_slice(applied);
             self.log = Some(Log { bytes: base, appended: appended + 1 });
         }
+    }
+
+    /// Takes the log of a live document that still has one (one just brought up to date from
+    /// its deferral), with how many unsaved chunk bytes the document holds: after an apply,
+    /// [`Entry::carry_log`] appends the chunks beyond that mark. `None` when there is no log
+    /// or the document does not track its unsaved chunks.
+    fn take_live_log(&mut self) -> Option<(Log, usize)> {
+        let mark = self.doc.as_ref()?.unsaved_chunks()?.len();
+        Some((self.log.take()?, mark))
+    }
+
+    /// After an apply to a live document whose log was taken with [`Entry::take_live_log`]:
+    /// the log with exactly the chunks applied appended, so the next freeze copies bytes
+    /// instead of encoding the document. A job a node has no part in is brought up to date
+    /// when a change arrives that its deferral cannot place (under a partition, most of
+    /// them), and encoding it again as it went cold was a fifth of a 1,000-node ring episode.
+    fn carry_log(&mut self, mut log: Log, mark: usize, moved: bool) {
+        let Some(doc) = self.doc.as_mut() else { return };
+        if !moved {
+            // Nothing applied: the log describes the document still.
+            self.log = Some(log);
+            return;
+        }
+        if log.appended >= MAX_LOG_APPENDS || doc.has_queued_in_automerge() {
+            return;
+        }
+        let Some(applied) = doc.unsaved_chunks().and_then(|c| c.get(mark..)) else { return };
+        log.bytes.extend_from_slice(applied);
+        log.appended += 1;
+        self.log = Some(log);
     }
 
     /// After an unguarded apply failed on the document loaded from `base`: the document as
@@ -760,12 +791,26 @@ impl Table {
             },
             DocId::Node(id) => self.nodes.get(id).map_or(Some((Vec::new(), 0)), Entry::log_base),
         };
+        // A live document whose log still describes it: the log follows the apply.
+        let carried = match (&prior, doc_id) {
+            (Some(_), _) => None,
+            (None, DocId::Job(id)) => self.jobs.get_mut(id).and_then(Entry::take_live_log),
+            (None, DocId::Node(id)) => self.nodes.get_mut(id).and_then(Entry::take_live_log),
+        };
         // A document loaded from bytes `prior` holds (or new) needs no protective copy: on
         // failure it is rebuilt from them.
         let result = match prior {
             Some(_) => self.with_remote_doc(doc_id, |doc| doc.apply_changes_or_drop(parsed)),
             None => self.with_remote_doc(doc_id, |doc| doc.apply_changes(parsed)),
         };
+        if let Some((log, mark)) = carried {
+            // On an error the guarded apply left the document as it was.
+            let moved = matches!(result, Ok(Some(true)));
+            match doc_id {
+                DocId::Job(id) => self.jobs.get_mut(id).map(|e| e.carry_log(log, mark, moved)),
+                DocId::Node(id) => self.nodes.get_mut(id).map(|e| e.carry_log(log, mark, moved)),
+            };
+        }
         let moved = match result {
             Ok(moved) => moved.unwrap_or(false),
             Err(e) => {
@@ -942,23 +987,20 @@ impl Table {
         if !self.unsaved.contains(&DocId::Job(job.to_string())) {
             entry.freeze(self.shared.as_deref());
         }
-        let (heads, known, complete): (_, Arc<[ChangeHash]>, _) = match (&mut entry.doc, &entry.cold) {
+        let (heads, known): (_, Arc<[ChangeHash]>) = match (&mut entry.doc, &entry.cold) {
             // A live document lists its whole history too, so what the deferral holds next
             // does not depend on whether the document happened to be cold or live: with
             // shared states (the simulator) that is whether another node reached the same
             // state first, and a node's decisions must not depend on other nodes' timing.
-            (Some(doc), _) => {
-                let mut known = doc.change_hashes();
-                known.sort();
-                (doc.heads(), known.into(), true)
-            }
-            (None, Some(f)) => (f.heads.to_vec(), f.hashes.clone(), true),
+            (Some(doc), _) => (doc.heads(), doc.change_hashes().into()),
+            (None, Some(f)) => (f.heads.to_vec(), f.hashes.clone()),
             (None, None) => return,
         };
         if heads.is_empty() {
             return;
         }
-        let deferred = Deferred { known, added: Vec::new(), complete, heads, pending: Vec::new(), persisted: 0 };
+        let deferred =
+            Deferred { known, added: Vec::new(), heads, pending: Vec::new(), persisted: 0, waiting: Vec::new() };
         entry.deferred = Some(Box::new(deferred));
     }
 
@@ -1012,8 +1054,18 @@ impl Table {
 
     fn materialize(&mut self, job: &str, notify: bool) {
         let Some(entry) = self.jobs.get_mut(job) else { return };
-        let Some(deferred) = entry.deferred.take() else { return };
+        let Some(mut deferred) = entry.deferred.take() else { return };
         self.deferred_pending.remove(job);
+        // Changes the deferral kept waiting wait on beside the document, or in it once it is
+        // live (neither holds any while deferred). None of them applies with the held ones:
+        // each waits for a change the deferral never held.
+        let waiting = std::mem::take(&mut deferred.waiting);
+        if !waiting.is_empty() {
+            match entry.doc.as_mut() {
+                Some(doc) => doc.restore_waiting(waiting),
+                None => entry.waiting = waiting,
+            }
+        }
         if deferred.pending.is_empty() {
             return;
         }
@@ -1092,40 +1144,60 @@ impl Table {
         }
     }
 
-    /// Holds `changes` in a deferred job's document. `Some(moved)` when they were taken (or
-    /// all known already); `None` when the job is not deferred or a change depends on
-    /// something the deferral does not know, and the caller applies them the usual way.
+    /// Holds `changes` in a deferred job's document: `Some(moved)`, whether they moved it
+    /// (as applying them to the live document would have; changes whose dependencies are
+    /// missing wait, as there). `None` when the job is not deferred.
     fn defer_changes(&mut self, job: &str, parsed: &mut [automerge::Change], batch: &Arc<[Vec<u8>]>) -> Option<bool> {
         let entry = self.jobs.get_mut(job)?;
         let deferred = entry.deferred.as_mut()?;
-        let mut added: Vec<ChangeHash> = Vec::new();
-        let known = |h: &ChangeHash, added: &[ChangeHash]| {
-            deferred.known.binary_search(h).is_ok() || deferred.added.contains(h) || added.contains(h)
+        let plan = {
+            let held = |h: &ChangeHash| deferred.known.binary_search(h).is_ok() || deferred.added.contains(h);
+            frozen::plan_held(held, &deferred.heads, &deferred.waiting, parsed)
         };
-        let mut heads = deferred.heads.clone();
-        let mut new = Vec::new();
-        for (index, change) in parsed.iter_mut().enumerate() {
-            let hash = change.hash();
-            if known(&hash, &added) {
-                continue;
-            }
-            // A change is new exactly when its dependencies are known: a child of a head (or
-            // of a held change) cannot already be in the history, or that parent would not be
-            // a head. A change without dependencies could be an old duplicate: apply it.
-            // With every change of the history known, one without dependencies is new too.
-            let deps = change.deps();
-            if (deps.is_empty() && !deferred.complete) || !deps.iter().all(|d| known(d, &added)) {
-                self.materialize(job, true);
-                return None;
-            }
-            heads.retain(|h| !deps.contains(h));
-            heads.push(hash);
-            added.push(hash);
-            new.push(Held { batch: batch.clone(), index });
-        }
-        if new.is_empty() {
+        let wait: Vec<Waiting> =
+            plan.wait.iter().map(|&i| Waiting::new(&mut parsed[i], Held { batch: batch.clone(), index: i })).collect();
+        if plan.new.is_empty() {
+            push_waiting(&mut deferred.waiting, wait);
             return Some(false);
         }
+        // In causal order: the changes unlocked and the new ones, each after what it depends on.
+        let mut items: Vec<(ChangeHash, Vec<ChangeHash>, Held)> = Vec::new();
+        let (unlocked, still): (Vec<Waiting>, Vec<Waiting>) =
+            std::mem::take(&mut deferred.waiting).into_iter().partition(|w| plan.unlocked.contains(&w.hash()));
+        deferred.waiting = still;
+        for w in unlocked {
+            items.push((w.hash(), frozen::WaitingChange::deps(&w).to_vec(), w.into_held()));
+        }
+        for &i in &plan.new {
+            items.push((parsed[i].hash(), parsed[i].deps().to_vec(), Held { batch: batch.clone(), index: i }));
+        }
+        let mut added: Vec<ChangeHash> = Vec::new();
+        let mut new: Vec<Held> = Vec::new();
+        while !items.is_empty() {
+            let before = items.len();
+            let mut rest = Vec::new();
+            for (hash, deps, held) in items {
+                let ready = deps.iter().all(|d| {
+                    deferred.known.binary_search(d).is_ok() || deferred.added.contains(d) || added.contains(d)
+                });
+                if ready {
+                    added.push(hash);
+                    new.push(held);
+                } else {
+                    rest.push((hash, deps, held));
+                }
+            }
+            items = rest;
+            if items.len() == before {
+                // Unreachable: the plan's changes form a ready set. Kept in arrival order.
+                for (hash, _, held) in items.drain(..) {
+                    added.push(hash);
+                    new.push(held);
+                }
+            }
+        }
+        push_waiting(&mut deferred.waiting, wait);
+        let heads = plan.heads;
         // A job is in `deferred_pending` exactly while its deferral holds changes: only the
         // first held change adds it (a B-tree insert per push was 5% of a 1,000-node run).
         let first = deferred.pending.is_empty();
@@ -1439,6 +1511,116 @@ mod tests {
         let new = SnapshotRecords(many.iter().map(encode).collect());
         assert_eq!(new.to_bytes(), old);
         assert_eq!(new.blob_len(), old.len());
+    }
+
+    /// A deferred job brought up to date by a change its deferral cannot place goes cold
+    /// again from its log (the cold bytes plus exactly the chunks applied since), without
+    /// encoding, and what it goes cold to loads to the same document.
+    #[test]
+    fn a_job_brought_up_to_date_by_an_apply_goes_cold_from_its_log() {
+        use crate::spec::JobSpec;
+        let header =
+            JobHeader { spec: JobSpec::command("sleep", ["1"]), submitted_by: "w".to_string(), submitted_at_ms: 0 };
+        let claim = |index| Claim { attempt: 0, boot: 1, at_ms: u64::from(index) };
+        let mut writer = Table::new("w".to_string(), [1; 16]);
+        writer.create_job("j", &header);
+        writer.take_outbox();
+        let doc = DocId::Job("j".to_string());
+        // The reader gets the job by sync, so its first cold state is an encoding (no log).
+        let mut reader = Table::new("r".to_string(), [2; 16]);
+        let (mut to_reader, mut to_writer) = (SyncState::default(), SyncState::default());
+        for _ in 0..10 {
+            if let Some(m) = writer.generate_sync(&doc, &mut to_reader) {
+                reader.receive_sync(&doc, &mut to_writer, &m).expect("valid sync message");
+            }
+            if let Some(m) = reader.generate_sync(&doc, &mut to_writer) {
+                writer.receive_sync(&doc, &mut to_reader, &m).expect("valid sync message");
+            }
+        }
+        assert_eq!(reader.digest(), writer.digest());
+        reader.take_persist_records();
+        reader.defer_job("j");
+        assert_eq!(reader.jobs["j"].cold.as_ref().map(|c| c.appends), Some(0), "cold, encoded");
+
+        let mut changes = Vec::new();
+        for index in 0..3 {
+            writer.write_claim("j", index, &claim(index));
+            changes.extend(writer.take_outbox().into_iter().map(|(_, c)| c));
+        }
+        // The first is held by the deferral; the job is brought up to date to be read (from
+        // its log), and the next two apply on the live document.
+        assert!(reader.apply_changes(&doc, &changes[..1]).expect("valid changes"));
+        assert_eq!(reader.held_changes("j"), 1);
+        reader.materialize_job("j");
+        assert!(reader.jobs["j"].log.is_some(), "brought up to date from its log");
+        assert!(reader.apply_changes(&doc, &changes[1..]).expect("valid changes"));
+        assert!(reader.jobs["j"].log.is_some(), "the log follows the apply");
+        reader.defer_job("j");
+        reader.take_persist_records();
+        let cold = reader.jobs["j"].cold.clone().expect("cold again once persisted");
+        assert_eq!(cold.appends, 2, "frozen from the log, not encoded afresh");
+        assert_eq!(cold.hashes.len(), 4);
+
+        let mut expected = writer.jobs.get_mut("j").and_then(|e| e.doc.take()).expect("writer's document");
+        let mut loaded = Doc::load(&cold.bytes, &ActorId::from(&[3u8; 16][..])).expect("the log loads");
+        assert_eq!(loaded.heads(), expected.heads());
+        assert_eq!(loaded.entries(), expected.entries());
+        assert_eq!(loaded.change_hashes(), expected.change_hashes());
+        assert_eq!(*cold.hashes, *expected.change_hashes());
+        assert_eq!(reader.digest(), writer.digest());
+    }
+
+    /// A deferred job holds a change that arrives before its dependency as a live document
+    /// would (waiting, nothing moved), without being brought up to date; the dependency
+    /// unlocks it; and changes still waiting when the job is brought up to date wait on in it.
+    #[test]
+    fn a_deferred_job_keeps_changes_that_wait_for_their_dependencies() {
+        use crate::spec::JobSpec;
+        let header =
+            JobHeader { spec: JobSpec::command("sleep", ["1"]), submitted_by: "w".to_string(), submitted_at_ms: 0 };
+        let doc = DocId::Job("j".to_string());
+        let mut writer = Table::new("w".to_string(), [1; 16]);
+        writer.create_job("j", &header);
+        let first: Vec<Vec<u8>> = writer.take_outbox().into_iter().map(|(_, c)| c).collect();
+        let mut changes = Vec::new();
+        for index in 0..4 {
+            writer.write_claim("j", index, &Claim { attempt: 0, boot: 1, at_ms: u64::from(index) });
+            changes.extend(writer.take_outbox().into_iter().map(|(_, c)| c));
+        }
+        let mut reader = Table::new("r".to_string(), [2; 16]);
+        reader.apply_changes(&doc, &first).expect("valid changes");
+        let mut records = reader.take_persist_records();
+        reader.defer_job("j");
+        reader.take_changed();
+        let digest = reader.digest();
+
+        // The second claim before the first: it waits, and the job stays deferred and cold.
+        assert!(!reader.apply_changes(&doc, &changes[1..2]).expect("valid changes"));
+        assert_eq!(reader.digest(), digest, "a waiting change moves nothing");
+        assert!(reader.jobs["j"].deferred.is_some() && reader.jobs["j"].doc.is_none());
+        assert_eq!(reader.held_changes("j"), 0);
+        assert!(reader.take_changed().is_empty());
+        records.extend(reader.take_persist_records());
+        // The first unlocks it: both are held, in causal order.
+        assert!(reader.apply_changes(&doc, &changes[..1]).expect("valid changes"));
+        assert_eq!(reader.held_changes("j"), 2);
+        assert!(reader.jobs["j"].doc.is_none());
+        records.extend(reader.take_persist_records());
+        // The fourth waits for the third; bringing the job up to date leaves it waiting.
+        assert!(!reader.apply_changes(&doc, &changes[3..4]).expect("valid changes"));
+        reader.materialize_job("j");
+        assert!(reader.jobs["j"].deferred.is_none());
+        assert_ne!(reader.digest(), writer.digest());
+        assert!(reader.apply_changes(&doc, &changes[2..3]).expect("valid changes"));
+        assert_eq!(reader.digest(), writer.digest());
+        assert_eq!(reader.job("j"), writer.job("j"));
+        records.extend(reader.take_persist_records());
+
+        // What it persisted restores the same document.
+        let mut restored = Table::new("r".to_string(), [2; 16]);
+        restored.restore(None, &records).expect("its own records restore");
+        assert_eq!(restored.digest(), writer.digest());
+        assert_eq!(restored.job("j"), writer.job("j"));
     }
 
     fn clone_record(r: &PersistRecord) -> PersistRecord {
