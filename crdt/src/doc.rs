@@ -253,6 +253,28 @@ impl Doc {
         self.check_hashes();
     }
 
+    /// Before an apply of `changes`: their hashes, or `None` when Automerge holds changes in
+    /// its own queue (from a sync message), which the apply may release too.
+    fn applying(&mut self, changes: &[Change]) -> Option<Vec<ChangeHash>> {
+        if self.hashes.is_none() || !self.am.get_missing_deps(&[]).is_empty() {
+            return None;
+        }
+        Some(changes.iter().map(Change::hash).collect())
+    }
+
+    /// After an apply from heads `before`: the tracked hashes take the changes applied (from
+    /// [`Doc::applying`]), or, if those are not known, every change not behind `before`.
+    fn note_applied(&mut self, before: &[ChangeHash], applied: Option<Vec<ChangeHash>>) {
+        if self.hashes.is_none() {
+            return;
+        }
+        let new = match applied {
+            Some(applied) => applied,
+            None => self.am.get_changes_meta(before).into_iter().map(|m| m.hash).collect(),
+        };
+        self.note_hashes(new);
+    }
+
     /// Adds newly held changes to the tracked hashes.
     fn note_hashes(&mut self, new: impl IntoIterator<Item = ChangeHash>) {
         if let Some(hashes) = &mut self.hashes {
@@ -370,12 +392,12 @@ impl Doc {
         }
         let before = self.am.get_heads();
         let raw = self.unsaved_raw.is_some().then(|| raw_chunks(&ready.apply));
-        let applied: Vec<ChangeHash> = ready.apply.iter().map(Change::hash).collect();
+        let applied = self.applying(&ready.apply);
         let mut copy = self.am.clone();
         apply_caught(&mut copy, ready.apply)?;
         self.am = copy;
         self.note_unsaved(raw.as_deref());
-        self.note_hashes(applied);
+        self.note_applied(&before, applied);
         self.waiting.retain(|w| !ready.unlocked.contains(&w.hash));
         self.add_waiting(ready.wait);
         Ok(self.am.get_heads() != before)
@@ -394,10 +416,10 @@ impl Doc {
         }
         let before = self.am.get_heads();
         let raw = self.unsaved_raw.is_some().then(|| raw_chunks(&ready.apply));
-        let applied: Vec<ChangeHash> = ready.apply.iter().map(Change::hash).collect();
+        let applied = self.applying(&ready.apply);
         apply_caught(&mut self.am, ready.apply)?;
         self.note_unsaved(raw.as_deref());
-        self.note_hashes(applied);
+        self.note_applied(&before, applied);
         self.waiting.retain(|w| !ready.unlocked.contains(&w.hash));
         self.add_waiting(ready.wait);
         Ok(self.am.get_heads() != before)
@@ -608,4 +630,36 @@ fn raw_chunks(changes: &[Change]) -> Vec<u8> {
         out.extend_from_slice(change.raw_bytes());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::sync::{ChunkList, Message, MessageVersion};
+
+    /// A sync message can leave a change queued inside Automerge (its dependency missing); a
+    /// later apply of that dependency releases it too, and the tracked hashes count both.
+    #[test]
+    fn hashes_follow_changes_released_from_automerges_queue() {
+        let mut writer = Doc::new(&ActorId::from(&[1u8; 16][..]));
+        let c1 = writer.put("a", "1").expect("a change");
+        let c2 = writer.put("b", "2").expect("a change");
+        let mut reader = Doc::new(&ActorId::from(&[2u8; 16][..]));
+        let message = Message {
+            heads: writer.heads(),
+            need: Vec::new(),
+            have: Vec::new(),
+            changes: ChunkList::from(vec![c2.clone()]),
+            flags: None,
+            version: MessageVersion::V1,
+        };
+        let mut state = SyncState::default();
+        reader.receive_sync(&mut state, message).expect("a valid message");
+        assert!(reader.has_queued_in_automerge(), "the second change waits inside Automerge");
+        assert!(reader.apply_changes(Doc::parse_changes(&[c1]).expect("valid")).expect("applies"));
+        assert!(!reader.has_queued_in_automerge());
+        // Checked against Automerge's own list in this crate's tests.
+        assert_eq!(reader.change_hashes(), writer.change_hashes());
+        assert_eq!(reader.change_hashes().len(), 2);
+    }
 }
