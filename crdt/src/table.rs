@@ -60,7 +60,7 @@ struct Entry<R> {
     /// While the document is cold or absent: the changes it holds that wait for their
     /// dependencies, in arrival order (a live document holds them itself; see
     /// [`Doc::take_waiting`]). They are not part of any state, so they are kept here beside it
-    /// and go into the document whenever it is loaded. Never set while deferred.
+    /// and go into the document whenever it is loaded. Never set while deferred (the deferral keeps them).
     ///
     /// Under message loss most nodes miss some change of some job, and each later change of
     /// that job then waits; kept live until anti-entropy brought the missing one, such
@@ -970,10 +970,12 @@ impl Table {
         if entry.deferred.is_some() {
             return;
         }
-        // Changes waiting for their dependencies would join the heads when those arrive, which
-        // the deferral could not foresee. Such a document is not deferred, but it need not
-        // stay live: its waiting changes are kept beside it.
-        if !entry.waiting.is_empty() || entry.doc.as_mut().is_some_and(|d| d.has_waiting_changes()) {
+        // Changes waiting inside Automerge (from a sync message) cannot be taken out, and
+        // would join the heads when their dependencies arrive, which the deferral could not
+        // foresee. Such a document is not deferred, but it goes cold once on disk. Changes
+        // waiting in the document's own list move into the deferral, which keeps them by the
+        // same rule.
+        if entry.doc.as_mut().is_some_and(|d| d.has_queued_in_automerge()) {
             if self.unsaved.contains(&DocId::Job(job.to_string())) {
                 entry.cold_when_saved = true;
             } else {
@@ -999,8 +1001,12 @@ impl Table {
         if heads.is_empty() {
             return;
         }
-        let deferred =
-            Deferred { known, added: Vec::new(), heads, pending: Vec::new(), persisted: 0, waiting: Vec::new() };
+        // Beside the document if it went cold just now, else still in it.
+        let mut waiting = std::mem::take(&mut entry.waiting);
+        if let Some(doc) = entry.doc.as_mut() {
+            waiting.extend(doc.take_waiting());
+        }
+        let deferred = Deferred { known, added: Vec::new(), heads, pending: Vec::new(), persisted: 0, waiting };
         entry.deferred = Some(Box::new(deferred));
     }
 
@@ -1403,6 +1409,42 @@ impl Table {
             out.push(encode(&PersistRecord::Compacted { job, at_ms }));
         }
         out
+    }
+
+    /// A one-line account of how a document is held (for diagnosing divergence).
+    #[doc(hidden)]
+    pub fn debug_entry(&self, doc_id: &DocId) -> String {
+        fn describe<R>(e: &Entry<R>) -> String {
+            let short =
+                |hs: &[ChangeHash]| hs.iter().map(|h| format!("{:02x}{:02x}", h.0[0], h.0[1])).collect::<Vec<_>>();
+            let deferred = e.deferred.as_ref().map(|d| {
+                format!(
+                    "deferred(heads {:?} known {} added {} pending {} persisted {} waiting {:?})",
+                    short(&d.heads),
+                    d.known.len(),
+                    d.added.len(),
+                    d.pending.len(),
+                    d.persisted,
+                    d.waiting.iter().map(|w| short(&[w.hash()])).collect::<Vec<_>>()
+                )
+            });
+            format!(
+                "hash {:016x} live {} cold {:?} log {} waiting {:?} {}",
+                e.hash,
+                e.doc.is_some(),
+                e.cold.as_ref().map(|f| (short(&f.heads), f.hashes.len(), f.appends)),
+                e.log.is_some(),
+                e.waiting.iter().map(|w| short(&[w.hash()])).collect::<Vec<_>>(),
+                deferred.unwrap_or_default()
+            )
+        }
+        match doc_id {
+            DocId::Node(id) => self.nodes.get(id).map(describe),
+            DocId::Job(id) => self.jobs.get(id).map(describe),
+        }
+        .unwrap_or_else(|| {
+            format!("absent (tombstone {})", matches!(doc_id, DocId::Job(j) if self.tombstones.contains_key(j)))
+        })
     }
 
     /// The whole table, compactly: loading it alone restores this state.
