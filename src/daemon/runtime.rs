@@ -869,6 +869,12 @@ impl Runtime {
             &one(c.wakes_left_to_sweep),
         );
         metric(
+            "colony_sync_docs_deferred_total",
+            "counter",
+            "Differing documents an anti-entropy round left to later rounds (rate limit).",
+            &one(c.sync_docs_deferred),
+        );
+        metric(
             "colony_bad_messages_total",
             "counter",
             "Peer messages that failed to decode or apply.",

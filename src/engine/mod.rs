@@ -22,6 +22,7 @@ use colony_crdt::{
     Claim, DocId, InstanceStatus, JobHeader, JobId, JobSpec, NodeId, NodeInfo, NodeMode, Resources, RestartPlacement,
     Run, RunStatus, SharedStates, SnapshotRecords, SpecError, StopRequest, SyncState, Table, TableError, BUCKETS,
 };
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -31,6 +32,13 @@ use swim::Swim;
 /// Sync rounds in a row without the document moving before a session is abandoned. A normal
 /// exchange settles in two or three; eight leaves room for a slow multi-change catch-up.
 const MAX_IDLE_SYNC_ROUNDS: u32 = 8;
+
+/// Anti-entropy intervals a sync session may go unused before it is dropped. A session waits
+/// for the peer's answer; one whose answer was lost (message loss, a partition, a peer that
+/// died) would otherwise stay until the session cap: under a 1,000-node ring partition the
+/// nodes' sessions together grew past two million. The next anti-entropy round with that peer starts a fresh
+/// one (it always does), so dropping a stale session costs nothing.
+const SESSION_IDLE_INTERVALS: u64 = 3;
 
 /// Anti-entropy rounds run early, a tenth of the interval apart, after peers come up. A new
 /// peer is the likeliest to differ (a joining node, a healed partition), but a round with
@@ -252,6 +260,9 @@ pub struct Counters {
     pub wakes_left_to_sweep: u64,
     /// Messages that failed to decode or apply.
     pub bad_messages: u64,
+    /// Differing documents an anti-entropy round left to later rounds
+    /// (`Limits::sync_docs_per_round`).
+    pub sync_docs_deferred: u64,
 }
 
 /// The node core.
@@ -286,8 +297,11 @@ pub struct Engine {
     eager_rounds: u32,
     next_eager_ms: Option<u64>,
     swim: Swim,
-    sessions: BTreeMap<(NodeId, DocId), SyncState>,
+    /// Sync sessions, with the anti-entropy interval (`intervals`) each was last used in.
+    sessions: BTreeMap<(NodeId, DocId), (SyncState, u64)>,
     sync_idle_rounds: BTreeMap<(NodeId, DocId), u32>,
+    /// Anti-entropy intervals since boot.
+    intervals: u64,
     next_anti_entropy_ms: u64,
     next_compaction_ms: u64,
     next_sweep_ms: u64,
@@ -382,6 +396,7 @@ impl Engine {
             swim,
             sessions: BTreeMap::new(),
             sync_idle_rounds: BTreeMap::new(),
+            intervals: 0,
             next_anti_entropy_ms: now_ms,
             next_compaction_ms: now_ms + config.timing.compaction_ms,
             next_sweep_ms: now_ms + sweep_phase + 1,
@@ -646,8 +661,14 @@ impl Engine {
             Message::Summary { buckets, entries } => self.on_summary(from, &buckets, entries),
             Message::Sync { doc, data } => self.on_sync(from, doc, &data),
             Message::Forget { jobs } => {
+                // The peer compacted these jobs, which it does only once they finished, and a
+                // finished job never runs again: a copy still running here stops
+                // (`forget_local`). Keeping it because of that local work left a node that had
+                // missed the stop of a service job (its dependencies lost in a ring partition,
+                // then compacted everywhere else) running it for good, and the cluster never
+                // converged: nobody was left who could send the missing changes.
                 for job in jobs {
-                    if self.table.job(&job).is_some() && !self.has_local_work(&job) {
+                    if self.table.job(&job).is_some() {
                         self.table.compact_job(&job, now_ms);
                         self.forget_local(&job);
                     }
@@ -684,6 +705,11 @@ impl Engine {
         }
         if now_ms >= self.next_anti_entropy_ms {
             self.next_anti_entropy_ms = now_ms + self.config.timing.anti_entropy_ms;
+            self.intervals += 1;
+            let oldest = self.intervals.saturating_sub(SESSION_IDLE_INTERVALS);
+            self.sessions.retain(|_, (_, used)| *used >= oldest);
+            let sessions = &self.sessions;
+            self.sync_idle_rounds.retain(|key, _| sessions.contains_key(key));
             if let Some(peer) = self.random_peer() {
                 self.sends.push((peer, Message::Digest { buckets: self.table.bucket_hashes().to_vec() }));
             }
@@ -1541,6 +1567,13 @@ impl Engine {
         if !forget.is_empty() {
             self.sends.push((from.to_string(), Message::Forget { jobs: forget }));
         }
+        let cap = self.config.limits.sync_docs_per_round.max(1);
+        if to_sync.len() > cap {
+            self.counters.sync_docs_deferred += (to_sync.len() - cap) as u64;
+            to_sync.partial_shuffle(&mut self.rng, cap);
+            to_sync.truncate(cap);
+            to_sync.sort();
+        }
         for doc in to_sync {
             // A fresh session: the peer's state may have moved since any earlier one.
             self.sessions.remove(&(from.to_string(), doc.clone()));
@@ -1555,11 +1588,11 @@ impl Engine {
             self.sync_idle_rounds.clear();
         }
         let key = (peer.to_string(), doc.clone());
-        let mut session = self.sessions.remove(&key).unwrap_or_default();
+        let mut session = self.sessions.remove(&key).map(|(s, _)| s).unwrap_or_default();
         // In sync (None): the session is dropped to keep memory bounded.
         if let Some(data) = self.table.generate_sync(&doc, &mut session) {
             self.sends.push((peer.to_string(), Message::Sync { doc, data }));
-            self.sessions.insert(key, session);
+            self.sessions.insert(key, (session, self.intervals));
         } else {
             self.sync_idle_rounds.remove(&key);
         }
@@ -1573,7 +1606,7 @@ impl Engine {
             }
         }
         let key = (from.to_string(), doc.clone());
-        let mut session = self.sessions.remove(&key).unwrap_or_default();
+        let mut session = self.sessions.remove(&key).map(|(s, _)| s).unwrap_or_default();
         let moved = match self.table.receive_sync(&doc, &mut session, data) {
             Ok(moved) => moved,
             Err(_) => {
@@ -1591,7 +1624,7 @@ impl Engine {
             self.sync_idle_rounds.remove(&key);
             return;
         }
-        self.sessions.insert(key, session);
+        self.sessions.insert(key, (session, self.intervals));
         self.continue_sync(from, doc);
     }
 
