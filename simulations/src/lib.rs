@@ -1257,6 +1257,49 @@ impl Sim {
 
     fn finish(mut self) -> RunResult {
         self.result.converged = self.digests_equal();
+        if !self.result.converged && self.config.trace {
+            // Which documents differ, and how each variant is held: what an unconverged seed needs.
+            let live: Vec<usize> = (0..self.nodes.len()).filter(|i| self.nodes[*i].engine.is_some()).collect();
+            let all: Vec<usize> = (0..colony_crdt::BUCKETS).collect();
+            let mut by_doc: BTreeMap<colony_crdt::DocId, BTreeMap<u64, Vec<usize>>> = BTreeMap::new();
+            for &i in &live {
+                let t = self.nodes[i].engine.as_ref().expect("live").table();
+                for (doc, hash) in t.summary(&all) {
+                    by_doc.entry(doc).or_default().entry(hash).or_default().push(i);
+                }
+            }
+            let differing: Vec<_> = by_doc
+                .iter()
+                .filter(|(_, h)| h.len() > 1 || h.values().map(Vec::len).sum::<usize>() != live.len())
+                .collect();
+            eprintln!("DIAG {} documents differ", differing.len());
+            for (doc, hashes) in differing.iter().take(4) {
+                eprintln!("DIAG {doc:?}: {} variants", hashes.len());
+                for (hash, nodes) in hashes.iter() {
+                    eprintln!("DIAG   {hash:016x} on {} nodes, e.g. n{}", nodes.len(), nodes[0]);
+                    let t = self.nodes[nodes[0]].engine.as_ref().expect("live").table();
+                    eprintln!("DIAG     {}", t.debug_entry(doc));
+                    if let colony_crdt::DocId::Job(id) = doc {
+                        let e = self.nodes[nodes[0]].engine.as_ref().expect("live");
+                        eprintln!("DIAG     view {}", serde_json::to_string(&e.job_json(id)).unwrap_or_default());
+                        eprintln!(
+                            "DIAG     tasks {:?}",
+                            self.nodes[nodes[0]]
+                                .tasks
+                                .values()
+                                .filter(|t| t.job == *id)
+                                .map(|t| (t.index, t.stopping))
+                                .collect::<Vec<_>>()
+                        );
+                        let compacted = live
+                            .iter()
+                            .filter(|&&i| self.nodes[i].engine.as_ref().expect("live").table().is_compacted(id))
+                            .count();
+                        eprintln!("DIAG     compacted on {compacted} of {} nodes", live.len());
+                    }
+                }
+            }
+        }
         self.result.lost_jobs = self.lost_jobs();
         if self.config.trace {
             for id in &self.result.lost_jobs {

@@ -172,7 +172,7 @@ fn main() {
                 let result = Sim::new(config).run();
                 if !result.ok() {
                     eprintln!(
-                        "seed {} FAILED: lost={} converged={} multi_owner={} capacity_violations={} false_deaths={}\n  replay: colony-sim run --nodes {} --jobs {} --seed {} --faults {} --fault-phase-ms {}",
+                        "seed {} FAILED: lost={} converged={} multi_owner={} capacity_violations={} false_deaths={}\n  replay: colony-sim run --nodes {} --jobs {} --seed {} --faults {} --fault-phase-ms {}{}{} --trace",
                         result.seed,
                         result.lost_jobs.len(),
                         result.converged,
@@ -183,7 +183,9 @@ fn main() {
                         args.jobs,
                         result.seed,
                         args.faults,
-                        args.fault_phase_ms
+                        args.fault_phase_ms,
+                        args.retain_jobs.map(|n| format!(" --retain-jobs {n}")).unwrap_or_default(),
+                        args.retain_age_ms.map(|ms| format!(" --retain-age-ms {ms}")).unwrap_or_default()
                     );
                 }
                 if let Ok(mut r) = results.lock() {

@@ -35,6 +35,27 @@ fn regression_seeds() {
     }
 }
 
+/// A ring partition at 100 nodes: a node that had missed the stop of a service job (the
+/// stop's dependencies never reached it) started the job, every other node compacted it, and
+/// the node kept it for its local task although peers told it to forget the job. Nobody was
+/// left who could send the missing changes, and the cluster never converged.
+#[test]
+fn regression_a_compacted_job_is_forgotten_despite_local_work() {
+    let mut config = SimConfig::new(100, 1000, 1);
+    config.faults = vec![Fault::Ring];
+    config.fault_phase_ms = 6_000;
+    config.retention.finished_jobs = 100;
+    config.threads = 2;
+    let r = Sim::new(config).run();
+    assert!(
+        r.ok(),
+        "lost={:?} converged={} multi_owner={}\n  replay: colony-sim run --nodes 100 --jobs 1000 --seed 1 --faults ring --fault-phase-ms 6000 --retain-jobs 100 --trace",
+        r.lost_jobs,
+        r.converged,
+        r.multi_owner_instances_at_rest
+    );
+}
+
 #[test]
 fn same_seed_same_run() {
     let a = run(5, 60, 42, &Fault::ALL);
