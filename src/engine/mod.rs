@@ -325,6 +325,20 @@ impl std::fmt::Debug for Engine {
 /// about 1.5 KiB, a tombstone a few dozen bytes (see `Engine::flush`).
 const SNAPSHOT_BYTES_PER_RECORD: usize = 1024;
 
+/// `amount` of `items`, a uniform random choice, sorted. (`partial_shuffle` leaves the
+/// chosen ones in the slice it returns first, which is the *tail* of the vector: truncating
+/// the vector instead kept mostly the first documents in id order, round after round.)
+fn sample_sorted<T: Ord>(rng: &mut ChaCha8Rng, mut items: Vec<T>, amount: usize) -> Vec<T> {
+    let len = items.len();
+    if amount >= len {
+        return items;
+    }
+    items.partial_shuffle(rng, amount);
+    let mut chosen = items.split_off(len - amount);
+    chosen.sort();
+    chosen
+}
+
 fn task_id(job: &str, index: u32, attempt: u32) -> TaskId {
     format!("{job}/{index}/{attempt}")
 }
@@ -1570,9 +1584,7 @@ impl Engine {
         let cap = self.config.limits.sync_docs_per_round.max(1);
         if to_sync.len() > cap {
             self.counters.sync_docs_deferred += (to_sync.len() - cap) as u64;
-            to_sync.partial_shuffle(&mut self.rng, cap);
-            to_sync.truncate(cap);
-            to_sync.sort();
+            to_sync = sample_sorted(&mut self.rng, to_sync, cap);
         }
         for doc in to_sync {
             // A fresh session: the peer's state may have moved since any earlier one.
