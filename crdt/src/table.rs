@@ -235,15 +235,8 @@ impl<R: Default + Shared> Entry<R> {
     /// since it was loaded; changes left waiting are not among them), unless changes wait
     /// inside Automerge itself (a log must load to exactly this document) or the log is long
     /// enough that the next freeze should encode afresh.
-    fn append_log(&mut self, mut base: Vec<u8>, appended: u32) {
-        let Some(doc) = self.doc.as_mut() else { return };
-        if appended >= MAX_LOG_APPENDS || doc.has_queued_in_automerge() {
-            return;
-        }
-        if let Some(applied) = doc.unsaved_chunks() {
-            base.extend_from_slice(applied);
-            self.log = Some(Log { bytes: base, appended: appended + 1 });
-        }
+    fn append_log(&mut self, base: Vec<u8>, appended: u32) {
+        self.carry_log(Log { bytes: base, appended }, 0, true);
     }
 
     /// Takes the log of a live document that still has one (one just brought up to date from
