@@ -510,6 +510,35 @@ impl Doc {
         self.waiting = waiting;
     }
 
+    /// The bytes of the held changes named in `hashes` (names it does not hold are skipped),
+    /// each after those of its dependencies that are among them: what a peer lacking exactly
+    /// these needs, in an order it can apply.
+    pub fn changes_by_hash(&self, hashes: &[ChangeHash]) -> Vec<Vec<u8>> {
+        let mut rest: Vec<Change> =
+            hashes.iter().filter_map(|h| ReadDoc::get_change_by_hash(self.am.as_ref(), h)).collect();
+        let mut order: Vec<Vec<u8>> = Vec::with_capacity(rest.len());
+        let mut done: BTreeSet<ChangeHash> = BTreeSet::new();
+        let wanted: BTreeSet<ChangeHash> = rest.iter().map(Change::hash).collect();
+        while !rest.is_empty() {
+            let before = rest.len();
+            let mut later = Vec::new();
+            for change in rest {
+                if change.deps().iter().all(|d| !wanted.contains(d) || done.contains(d)) {
+                    done.insert(change.hash());
+                    order.push(change.raw_bytes().to_vec());
+                } else {
+                    later.push(change);
+                }
+            }
+            rest = later;
+            if rest.len() == before {
+                // Unreachable: a history has no cycles. Kept rather than lost.
+                order.extend(rest.drain(..).map(|c| c.raw_bytes().to_vec()));
+            }
+        }
+        order
+    }
+
     /// Every change held, as bytes, in causal order.
     pub fn all_changes(&mut self) -> Vec<Vec<u8>> {
         self.am.get_changes(&[]).iter().map(|c| c.raw_bytes().to_vec()).collect()
@@ -615,7 +644,18 @@ impl Doc {
                     let absent: BTreeSet<ChangeHash> = self.am.get_missing_deps(&hashes).into_iter().collect();
                     self.waiting.retain(|w| absent.contains(&w.hash));
                 }
-                Ok(self.am.get_heads() != before)
+                let moved = self.am.get_heads() != before;
+                // Changes that waited for what the message brought apply now, as they would
+                // had it come as a push. Left waiting, a change only this node held (its
+                // author's copy lost) stayed out of the document for good.
+                if moved && !self.waiting.is_empty() {
+                    let waiting = std::mem::take(&mut self.waiting);
+                    let parsed: Vec<Change> = waiting.iter().filter_map(Waiting::parse).collect();
+                    if self.apply_changes(parsed).is_err() {
+                        self.waiting = waiting;
+                    }
+                }
+                Ok(moved)
             }
             Ok(Err(e)) => Err(DocError::Malformed(e.to_string())),
             Err(_) => Err(DocError::Malformed("automerge panicked on this sync message".into())),

@@ -68,6 +68,20 @@ impl<R> Frozen<R> {
     }
 }
 
+impl<R> Frozen<R> {
+    /// Runs `read` on the document loaded (loading it once, as [`Frozen::load`] does), without
+    /// copying it: reads need no document of their own.
+    pub fn read<T>(&self, actor: &ActorId, read: impl FnOnce(&Doc) -> T) -> Result<T, DocError> {
+        if self.live.get().is_none() {
+            let mut doc = Doc::load(&self.bytes, actor)?;
+            doc.set_change_hashes(&self.hashes);
+            let _ = self.live.set(doc);
+        }
+        // INVARIANT: set just above, or before by another table.
+        Ok(read(self.live.get().expect("frozen document loaded")))
+    }
+}
+
 /// Frozen documents by heads. Entries are weak: a state lives as long as some table holds it.
 pub(crate) struct Memo<R> {
     by_heads: HashMap<Box<[ChangeHash]>, Weak<Frozen<R>>>,

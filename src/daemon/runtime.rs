@@ -875,6 +875,12 @@ impl Runtime {
             &one(c.sync_docs_deferred),
         );
         metric(
+            "colony_repair_changes_sent_total",
+            "counter",
+            "Job changes sent to peers that lacked them (anti-entropy answers).",
+            &one(c.repair_changes_sent),
+        );
+        metric(
             "colony_bad_messages_total",
             "counter",
             "Peer messages that failed to decode or apply.",

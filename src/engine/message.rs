@@ -58,6 +58,19 @@ pub enum Message {
         /// The compacted jobs.
         jobs: Vec<JobId>,
     },
+    /// Anti-entropy, step 3 for a job document: the name (hash) of every change of it the
+    /// sender holds, sorted. The receiver answers with `Changes` holding exactly what the
+    /// sender lacks and, if the sender holds changes the receiver lacks and `reply` is set, a
+    /// `Have` of its own (with `reply` unset, so the exchange ends there). Last, so the
+    /// variants before it keep their wire tags.
+    Have {
+        /// Which job.
+        job: JobId,
+        /// Sorted change hashes.
+        hashes: Vec<[u8; 32]>,
+        /// Whether the receiver should answer with its own `Have`.
+        reply: bool,
+    },
 }
 
 /// A message that could not be decoded.
@@ -87,6 +100,7 @@ impl Message {
             Message::Digest { .. } => "digest",
             Message::Summary { .. } => "summary",
             Message::Sync { .. } => "sync",
+            Message::Have { .. } => "have",
             Message::Forget { .. } => "forget",
         }
     }

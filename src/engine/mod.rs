@@ -263,6 +263,8 @@ pub struct Counters {
     /// Differing documents an anti-entropy round left to later rounds
     /// (`Limits::sync_docs_per_round`).
     pub sync_docs_deferred: u64,
+    /// Job changes sent to repair a peer's copy (answers to `Have`).
+    pub repair_changes_sent: u64,
 }
 
 /// The node core.
@@ -674,6 +676,7 @@ impl Engine {
             Message::Digest { buckets } => self.on_digest(from, &buckets),
             Message::Summary { buckets, entries } => self.on_summary(from, &buckets, entries),
             Message::Sync { doc, data } => self.on_sync(from, doc, &data),
+            Message::Have { job, hashes, reply } => self.on_have(from, job, hashes, reply),
             Message::Forget { jobs } => {
                 // The peer compacted these jobs, which it does only once they finished, and a
                 // finished job never runs again: a copy still running here stops
@@ -1587,6 +1590,11 @@ impl Engine {
             to_sync = sample_sorted(&mut self.rng, to_sync, cap);
         }
         for doc in to_sync {
+            if let DocId::Job(job) = doc {
+                let hashes = self.table.job_hashes(&job);
+                self.sends.push((from.to_string(), Message::Have { job, hashes, reply: true }));
+                continue;
+            }
             // A fresh session: the peer's state may have moved since any earlier one.
             self.sessions.remove(&(from.to_string(), doc.clone()));
             self.sync_idle_rounds.remove(&(from.to_string(), doc.clone()));
@@ -1607,6 +1615,27 @@ impl Engine {
             self.sessions.insert(key, (session, self.intervals));
         } else {
             self.sync_idle_rounds.remove(&key);
+        }
+    }
+
+    /// A peer's `Have` for a job: send it what it lacks, and ask for what this node lacks.
+    fn on_have(&mut self, from: &str, job: JobId, mut theirs: Vec<[u8; 32]>, reply: bool) {
+        if self.table.is_compacted(&job) {
+            self.sends.push((from.to_string(), Message::Forget { jobs: vec![job] }));
+            return;
+        }
+        theirs.sort_unstable();
+        theirs.dedup();
+        let missing = self.table.job_changes_missing(&job, &theirs);
+        if reply {
+            let mine = self.table.job_hashes(&job);
+            if theirs.iter().any(|h| mine.binary_search(h).is_err()) {
+                self.sends.push((from.to_string(), Message::Have { job: job.clone(), hashes: mine, reply: false }));
+            }
+        }
+        if !missing.is_empty() {
+            self.counters.repair_changes_sent += missing.len() as u64;
+            self.sends.push((from.to_string(), Message::Changes { doc: DocId::Job(job), changes: missing.into() }));
         }
     }
 
