@@ -17,8 +17,8 @@
 use crate::doc::{ready_set, Doc, DocError};
 use crate::records::{JobRecord, NodeRecord};
 use automerge::{ActorId, ChangeHash};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, Weak};
 
 /// A document at rest.
 pub(crate) struct Frozen<R> {
@@ -32,10 +32,45 @@ pub(crate) struct Frozen<R> {
     pub appends: u32,
     /// The record parsed from it.
     pub record: Arc<R>,
-    /// The document loaded, once some table needed it live: the next one copies it instead
-    /// of loading the bytes again (an Automerge load rebuilds and hashes every change, several
-    /// times the cost of a copy).
-    pub live: OnceLock<Doc>,
+    /// The document loaded, kept after some table froze or loaded it: the next one copies it
+    /// instead of loading the bytes again (an Automerge load rebuilds and hashes every change,
+    /// several times the cost of a copy). Kept only for states shared through a memo, and at
+    /// most [`MAX_LIVE`] of them (see [`LiveBudget`]).
+    live: Mutex<Option<Doc>>,
+    /// The budget of the memo this state is shared through; `None`: nothing is kept.
+    budget: Option<Arc<LiveBudget>>,
+}
+
+/// Loaded documents kept in frozen states, per [`SharedStates`]: about 18 KiB each. Every
+/// state kept its document for as long as a table held it, and under a partition of 1,000
+/// simulated nodes, where each node reaches states no other does, those documents were most
+/// of the simulator's memory growth. A daemon shares nothing, so its cold documents keep
+/// none: cold means bytes only.
+pub(crate) const MAX_LIVE: usize = 1 << 14;
+
+/// The states that keep a loaded document, oldest first; see [`MAX_LIVE`].
+pub(crate) struct LiveBudget {
+    kept: Mutex<VecDeque<Weak<dyn ClearLive>>>,
+    cap: usize,
+}
+
+impl Default for LiveBudget {
+    fn default() -> Self {
+        LiveBudget { kept: Mutex::new(VecDeque::new()), cap: MAX_LIVE }
+    }
+}
+
+/// A state whose kept document can be dropped.
+pub(crate) trait ClearLive: Send + Sync {
+    fn clear_live(&self);
+}
+
+impl<R: Send + Sync> ClearLive for Frozen<R> {
+    fn clear_live(&self) {
+        if let Ok(mut live) = self.live.lock() {
+            *live = None;
+        }
+    }
 }
 
 impl<R> Frozen<R> {
@@ -47,38 +82,78 @@ impl<R> Frozen<R> {
             hashes: hashes.into(),
             appends,
             record,
-            live: OnceLock::new(),
+            live: Mutex::new(None),
+            budget: None,
+        }
+    }
+
+    /// Whether a loaded document is kept.
+    #[cfg(test)]
+    pub fn keeps_live(&self) -> bool {
+        self.live.lock().is_ok_and(|l| l.is_some())
+    }
+}
+
+impl<R: Send + Sync + 'static> Frozen<R> {
+    /// Keeps `doc` (this state, loaded) for the next table that needs it, if this state is
+    /// shared and keeps none yet; the oldest kept beyond [`MAX_LIVE`] are dropped.
+    pub fn keep_live(self: &Arc<Self>, doc: Doc) {
+        let Some(budget) = &self.budget else { return };
+        {
+            let Ok(mut live) = self.live.lock() else { return };
+            if live.is_some() {
+                return;
+            }
+            *live = Some(doc);
+        }
+        let mut evicted = Vec::new();
+        if let Ok(mut kept) = budget.kept.lock() {
+            let weak: Weak<dyn ClearLive> = Arc::downgrade(self) as Weak<dyn ClearLive>;
+            kept.push_back(weak);
+            while kept.len() > budget.cap {
+                evicted.extend(kept.pop_front());
+            }
+        }
+        // Outside the budget's lock: clearing locks each state.
+        for state in evicted.iter().filter_map(Weak::upgrade) {
+            state.clear_live();
         }
     }
 
     /// The document, live, writing as `actor`. A table holds a cold document only once it is
     /// on its disk, so the copy counts as saved.
-    pub fn load(&self, actor: &ActorId) -> Result<Doc, DocError> {
-        if let Some(doc) = self.live.get() {
-            let mut copy = doc.copy(actor);
-            copy.mark_saved();
-            copy.set_change_hashes(&self.hashes);
-            return Ok(copy);
+    pub fn load(self: &Arc<Self>, actor: &ActorId) -> Result<Doc, DocError> {
+        if let Ok(live) = self.live.lock() {
+            if let Some(doc) = live.as_ref() {
+                let mut copy = doc.copy(actor);
+                copy.mark_saved();
+                copy.set_change_hashes(&self.hashes);
+                return Ok(copy);
+            }
         }
         let mut doc = Doc::load(&self.bytes, actor)?;
         doc.set_change_hashes(&self.hashes);
+        if self.budget.is_none() {
+            return Ok(doc);
+        }
         let copy = doc.copy(actor);
-        let _ = self.live.set(doc);
+        self.keep_live(doc);
         Ok(copy)
     }
-}
 
-impl<R> Frozen<R> {
-    /// Runs `read` on the document loaded (loading it once, as [`Frozen::load`] does), without
-    /// copying it: reads need no document of their own.
-    pub fn read<T>(&self, actor: &ActorId, read: impl FnOnce(&Doc) -> T) -> Result<T, DocError> {
-        if self.live.get().is_none() {
-            let mut doc = Doc::load(&self.bytes, actor)?;
-            doc.set_change_hashes(&self.hashes);
-            let _ = self.live.set(doc);
+    /// Runs `read` on the document loaded (kept, or loaded now and kept as [`Frozen::load`]
+    /// keeps it), without copying it: reads need no document of their own.
+    pub fn read<T>(self: &Arc<Self>, actor: &ActorId, read: impl FnOnce(&Doc) -> T) -> Result<T, DocError> {
+        if let Ok(live) = self.live.lock() {
+            if let Some(doc) = live.as_ref() {
+                return Ok(read(doc));
+            }
         }
-        // INVARIANT: set just above, or before by another table.
-        Ok(read(self.live.get().expect("frozen document loaded")))
+        let mut doc = Doc::load(&self.bytes, actor)?;
+        doc.set_change_hashes(&self.hashes);
+        let out = read(&doc);
+        self.keep_live(doc);
+        Ok(out)
     }
 }
 
@@ -104,12 +179,29 @@ pub struct SharedStates {
     /// (checksum, decompression, op verification) once per node was a tenth of a 1,000-node
     /// run. Cleared when full.
     changes: Mutex<HashMap<Box<[u8]>, automerge::Change>>,
+    /// Which states keep a loaded document.
+    live: Arc<LiveBudget>,
 }
 
 /// Parsed changes kept at most, per [`SharedStates`].
 const MAX_PARSED: usize = 1 << 16;
 
 impl SharedStates {
+    /// Shared states that keep at most `cap` loaded documents (tests).
+    #[cfg(test)]
+    pub(crate) fn with_live_cap(cap: usize) -> SharedStates {
+        SharedStates {
+            live: Arc::new(LiveBudget { kept: Mutex::new(VecDeque::new()), cap }),
+            ..SharedStates::default()
+        }
+    }
+
+    /// How many frozen states keep a loaded document (at most [`MAX_LIVE`] plus those already
+    /// dropped whose entries have not been reached yet).
+    pub fn kept_live(&self) -> usize {
+        self.live.kept.lock().map_or(0, |k| k.iter().filter(|w| w.strong_count() > 0).count())
+    }
+
     /// Parses change bytes, from the shared cache where another table parsed them before.
     pub(crate) fn parse(&self, changes: &[Vec<u8>]) -> Result<Vec<automerge::Change>, DocError> {
         let Ok(mut cache) = self.changes.lock() else { return Doc::parse_changes(changes) };
@@ -171,6 +263,8 @@ pub(crate) fn share<R: Shared>(states: Option<&SharedStates>, frozen: Frozen<R>)
     if let Some(shared) = memo.by_heads.get(&frozen.heads).and_then(Weak::upgrade) {
         return shared;
     }
+    let mut frozen = frozen;
+    frozen.budget = Some(states.live.clone());
     let frozen = Arc::new(frozen);
     memo.by_heads.insert(frozen.heads.clone(), Arc::downgrade(&frozen));
     if memo.by_heads.len() > memo.purge_at {

@@ -186,10 +186,10 @@ impl<R: Default + Shared> Entry<R> {
                 Some(log) => (log.bytes, log.appended),
                 None => (doc.save(), 0),
             };
-            let state = Frozen::new(bytes, heads, hashes, appends, self.record.clone());
+            let state = frozen::share(shared, Frozen::new(bytes, heads, hashes, appends, self.record.clone()));
             // The next table to need this state live copies this document.
-            let _ = state.live.set(doc);
-            self.cold = Some(frozen::share(shared, state));
+            state.keep_live(doc);
+            self.cold = Some(state);
         }
     }
 
@@ -1665,6 +1665,43 @@ mod tests {
         assert_eq!(loaded.change_hashes(), expected.change_hashes());
         assert_eq!(*cold.hashes, *expected.change_hashes());
         assert_eq!(reader.digest(), writer.digest());
+    }
+
+    /// A cold document is bytes only in a table that shares nothing (a daemon); tables that
+    /// share states keep loaded copies of a bounded number of them, the oldest dropped first,
+    /// and a state that dropped its copy still loads to the same document.
+    #[test]
+    fn only_a_bounded_number_of_shared_cold_documents_keep_a_loaded_copy() {
+        use crate::spec::JobSpec;
+        // Distinct histories (the same write by the same actor is the same change).
+        let header = |at: u64| JobHeader {
+            spec: JobSpec::command("sleep", ["1"]),
+            submitted_by: "w".to_string(),
+            submitted_at_ms: at,
+        };
+        let mut at = 0;
+        let mut cold = |t: &mut Table, job: &str| {
+            at += 1;
+            t.create_job(job, &header(at));
+            t.take_persist_records();
+            t.freeze_job(job);
+            t.jobs[job].cold.clone().expect("cold once on disk")
+        };
+        let mut alone = Table::new("a".to_string(), [1; 16]);
+        assert!(!cold(&mut alone, "j").keeps_live(), "a table sharing nothing keeps bytes only");
+
+        let mut shared = Table::new("b".to_string(), [2; 16]);
+        shared.share_states(Arc::new(SharedStates::with_live_cap(2)));
+        let (first, second) = (cold(&mut shared, "j1"), cold(&mut shared, "j2"));
+        assert!(first.keeps_live() && second.keeps_live());
+        let third = cold(&mut shared, "j3");
+        assert!(!first.keeps_live() && second.keeps_live() && third.keeps_live(), "the oldest dropped first");
+        // Dropped or kept, a state reads and loads the same.
+        let all = shared.job_changes_missing("j1", &[]);
+        assert_eq!(all.len(), 1);
+        assert!(first.keeps_live(), "a read keeps what it loaded");
+        shared.write_claim("j1", 0, &Claim { attempt: 0, boot: 1, at_ms: 0 });
+        assert!(shared.job("j1").is_some_and(|r| r.claims.len() == 1));
     }
 
     /// Job repair: each side names every change it holds and gets exactly those it lacks,
