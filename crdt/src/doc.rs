@@ -510,33 +510,13 @@ impl Doc {
         self.waiting = waiting;
     }
 
-    /// The bytes of the held changes named in `hashes` (names it does not hold are skipped),
-    /// each after those of its dependencies that are among them: what a peer lacking exactly
-    /// these needs, in an order it can apply.
-    pub fn changes_by_hash(&self, hashes: &[ChangeHash]) -> Vec<Vec<u8>> {
-        let mut rest: Vec<Change> =
-            hashes.iter().filter_map(|h| ReadDoc::get_change_by_hash(self.am.as_ref(), h)).collect();
-        let mut order: Vec<Vec<u8>> = Vec::with_capacity(rest.len());
-        let mut done: BTreeSet<ChangeHash> = BTreeSet::new();
-        let wanted: BTreeSet<ChangeHash> = rest.iter().map(Change::hash).collect();
-        while !rest.is_empty() {
-            let before = rest.len();
-            let mut later = Vec::new();
-            for change in rest {
-                if change.deps().iter().all(|d| !wanted.contains(d) || done.contains(d)) {
-                    done.insert(change.hash());
-                    order.push(change.raw_bytes().to_vec());
-                } else {
-                    later.push(change);
-                }
-            }
-            rest = later;
-            if rest.len() == before {
-                // Unreachable: a history has no cycles. Kept rather than lost.
-                order.extend(rest.drain(..).map(|c| c.raw_bytes().to_vec()));
-            }
-        }
-        order
+    /// The bytes of every held change not behind `have` (hashes this document holds), in
+    /// causal order. For `have` closed under dependencies (a peer's whole history, as far as
+    /// this document holds it), exactly the changes the peer lacks. One pass over the
+    /// document: asking for each change by hash rebuilt it from the op columns each time,
+    /// and was a fifth of a 250-node run once a partition healed.
+    pub fn changes_after(&mut self, have: &[ChangeHash]) -> Vec<Vec<u8>> {
+        self.am.get_changes(have).iter().map(|c| c.raw_bytes().to_vec()).collect()
     }
 
     /// Every change held, as bytes, in causal order.

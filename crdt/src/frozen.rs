@@ -142,16 +142,17 @@ impl<R: Send + Sync + 'static> Frozen<R> {
     }
 
     /// Runs `read` on the document loaded (kept, or loaded now and kept as [`Frozen::load`]
-    /// keeps it), without copying it: reads need no document of their own.
-    pub fn read<T>(self: &Arc<Self>, actor: &ActorId, read: impl FnOnce(&Doc) -> T) -> Result<T, DocError> {
-        if let Ok(live) = self.live.lock() {
-            if let Some(doc) = live.as_ref() {
+    /// keeps it), without copying it: reads need no document of their own. `read` must leave
+    /// the document as it found it (it may only read, though Automerge's reads take `&mut`).
+    pub fn read<T>(self: &Arc<Self>, actor: &ActorId, read: impl FnOnce(&mut Doc) -> T) -> Result<T, DocError> {
+        if let Ok(mut live) = self.live.lock() {
+            if let Some(doc) = live.as_mut() {
                 return Ok(read(doc));
             }
         }
         let mut doc = Doc::load(&self.bytes, actor)?;
         doc.set_change_hashes(&self.hashes);
-        let out = read(&doc);
+        let out = read(&mut doc);
         self.keep_live(doc);
         Ok(out)
     }

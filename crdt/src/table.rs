@@ -1296,28 +1296,35 @@ impl Table {
     /// `frozen`), never copies it, and leaves it cold.
     pub fn job_changes_missing(&mut self, job: &str, theirs: &[[u8; 32]]) -> Vec<Vec<u8>> {
         let mine = self.job_hashes(job);
-        let missing: BTreeSet<ChangeHash> =
-            mine.into_iter().filter(|h| theirs.binary_search(h).is_err()).map(ChangeHash).collect();
+        let (common, missing): (Vec<[u8; 32]>, Vec<[u8; 32]>) =
+            mine.into_iter().partition(|h| theirs.binary_search(h).is_ok());
         if missing.is_empty() {
             return Vec::new();
         }
+        let missing: BTreeSet<ChangeHash> = missing.into_iter().map(ChangeHash).collect();
         let actor = self.actor.clone();
-        let Some(entry) = self.jobs.get(job) else { return Vec::new() };
+        let Some(entry) = self.jobs.get_mut(job) else { return Vec::new() };
         // Held by the deferral: after the document's own changes (they depend on them).
         let mut held: Vec<Vec<u8>> = Vec::new();
-        let mut base: Vec<ChangeHash> = missing.iter().copied().collect();
+        let mut base_missing = missing.len();
         if let Some(d) = &entry.deferred {
             for (hash, bytes) in d.added.iter().zip(&d.pending) {
                 if missing.contains(hash) {
                     held.push(bytes.to_vec());
+                    base_missing -= 1;
                 }
             }
-            base.retain(|h| d.known.binary_search(h).is_ok());
         }
-        let mut out = match (&entry.doc, &entry.cold) {
-            _ if base.is_empty() => Vec::new(),
-            (Some(doc), _) => doc.changes_by_hash(&base),
-            (None, Some(f)) => f.read(&actor, |doc| doc.changes_by_hash(&base)).unwrap_or_default(),
+        // The peer's changes the document holds: its history is closed under dependencies,
+        // so the document's changes not behind them are exactly those it lacks.
+        let have: Vec<ChangeHash> = match &entry.deferred {
+            Some(d) => common.into_iter().map(ChangeHash).filter(|h| d.known.binary_search(h).is_ok()).collect(),
+            None => common.into_iter().map(ChangeHash).collect(),
+        };
+        let mut out = match (&mut entry.doc, &entry.cold) {
+            _ if base_missing == 0 => Vec::new(),
+            (Some(doc), _) => doc.changes_after(&have),
+            (None, Some(f)) => f.read(&actor, |doc| doc.changes_after(&have)).unwrap_or_default(),
             (None, None) => Vec::new(),
         };
         out.extend(held);
