@@ -197,7 +197,7 @@ impl SharedStates {
         }
     }
 
-    /// How many frozen states keep a loaded document (at most [`MAX_LIVE`] plus those already
+    /// How many frozen states keep a loaded document (at most 16,384, plus those already
     /// dropped whose entries have not been reached yet).
     pub fn kept_live(&self) -> usize {
         self.live.kept.lock().map_or(0, |k| k.iter().filter(|w| w.strong_count() > 0).count())
