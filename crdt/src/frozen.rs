@@ -87,6 +87,13 @@ impl<R> Frozen<R> {
         }
     }
 
+    /// The document loaded from its bytes, its change hashes known.
+    fn load_bytes(&self, actor: &ActorId) -> Result<Doc, DocError> {
+        let mut doc = Doc::load(&self.bytes, actor)?;
+        doc.set_change_hashes(&self.hashes);
+        Ok(doc)
+    }
+
     /// Whether a loaded document is kept.
     #[cfg(test)]
     pub fn keeps_live(&self) -> bool {
@@ -131,8 +138,7 @@ impl<R: Send + Sync + 'static> Frozen<R> {
                 return Ok(copy);
             }
         }
-        let mut doc = Doc::load(&self.bytes, actor)?;
-        doc.set_change_hashes(&self.hashes);
+        let doc = self.load_bytes(actor)?;
         if self.budget.is_none() {
             return Ok(doc);
         }
@@ -150,8 +156,7 @@ impl<R: Send + Sync + 'static> Frozen<R> {
                 return Ok(read(doc));
             }
         }
-        let mut doc = Doc::load(&self.bytes, actor)?;
-        doc.set_change_hashes(&self.hashes);
+        let mut doc = self.load_bytes(actor)?;
         let out = read(&mut doc);
         self.keep_live(doc);
         Ok(out)
@@ -191,10 +196,7 @@ impl SharedStates {
     /// Shared states that keep at most `cap` loaded documents (tests).
     #[cfg(test)]
     pub(crate) fn with_live_cap(cap: usize) -> SharedStates {
-        SharedStates {
-            live: Arc::new(LiveBudget { kept: Mutex::new(VecDeque::new()), cap }),
-            ..SharedStates::default()
-        }
+        SharedStates { live: Arc::new(LiveBudget { cap, ..LiveBudget::default() }), ..SharedStates::default() }
     }
 
     /// How many frozen states keep a loaded document (at most 16,384, plus those already
