@@ -214,6 +214,56 @@ impl<R: Default + Shared> Entry<R> {
 
     /// The next sync message in `state`, from a copy of a cold document: generating changes
     /// nothing, so the document stays cold.
+    /// Every change held, sorted (see [`Table::doc_hashes`]).
+    fn held_hashes(&mut self) -> Vec<ChangeHash> {
+        match (&self.deferred, &mut self.doc, &self.cold) {
+            (Some(d), _, _) => {
+                let mut all: Vec<ChangeHash> = d.known.iter().chain(&d.added).copied().collect();
+                all.sort();
+                all.dedup();
+                all
+            }
+            (None, Some(doc), _) => doc.change_hashes(),
+            (None, None, Some(f)) => f.hashes.to_vec(),
+            (None, None, None) => Vec::new(),
+        }
+    }
+
+    /// The held changes in `missing`, in causal order; `common` are the held changes the peer
+    /// holds too (see [`Table::changes_missing`]).
+    fn changes_missing(
+        &mut self,
+        actor: &ActorId,
+        missing: &BTreeSet<ChangeHash>,
+        common: Vec<ChangeHash>,
+    ) -> Vec<Vec<u8>> {
+        // Held by the deferral: after the document's own changes (they depend on them).
+        let mut held: Vec<Vec<u8>> = Vec::new();
+        let mut base_missing = missing.len();
+        if let Some(d) = &self.deferred {
+            for (hash, bytes) in d.added.iter().zip(&d.pending) {
+                if missing.contains(hash) {
+                    held.push(bytes.to_vec());
+                    base_missing -= 1;
+                }
+            }
+        }
+        // The peer's changes the document holds: its history is closed under dependencies,
+        // so the document's changes not behind them are exactly those it lacks.
+        let have: Vec<ChangeHash> = match &self.deferred {
+            Some(d) => common.into_iter().filter(|h| d.known.binary_search(h).is_ok()).collect(),
+            None => common,
+        };
+        let mut out = match (&mut self.doc, &self.cold) {
+            _ if base_missing == 0 => Vec::new(),
+            (Some(doc), _) => doc.changes_after(&have),
+            (None, Some(f)) => f.read(actor, |doc| doc.changes_after(&have)).unwrap_or_default(),
+            (None, None) => Vec::new(),
+        };
+        out.extend(held);
+        out
+    }
+
     fn generate_sync(&mut self, actor: &ActorId, state: &mut SyncState) -> Option<Vec<u8>> {
         match (&mut self.doc, &self.cold) {
             (Some(doc), _) => doc.generate_sync(state),
@@ -1262,73 +1312,65 @@ impl Table {
         Ok(false)
     }
 
-    /// Every change a job's document holds, sorted: applied, or held by its deferral (not
-    /// those waiting for their dependencies, which a peer may have to send again). A held set
-    /// is closed under dependencies. Empty for a job not held, or compacted.
+    /// Every change a document holds, sorted: applied, or held by a job's deferral (not those
+    /// waiting for their dependencies, which a peer may have to send again). A held set is
+    /// closed under dependencies. Empty for a document not held, or a compacted job.
     ///
-    /// With [`Table::job_changes_missing`] this is anti-entropy for job documents: a job's
-    /// history is tens of changes, so two nodes exchange the names of all of them and then
-    /// exactly the changes the other lacks. Automerge's sync protocol (Bloom filters over
-    /// rounds, per-peer session state, a full save to send most of a small document) was most
-    /// of the repair after a 1,000-node partition healed.
-    pub fn job_hashes(&mut self, job: &str) -> Vec<[u8; 32]> {
-        if self.tombstones.contains_key(job) {
-            return Vec::new();
-        }
-        let Some(entry) = self.jobs.get_mut(job) else { return Vec::new() };
-        let hashes: Vec<ChangeHash> = match (&entry.deferred, &mut entry.doc, &entry.cold) {
-            (Some(d), _, _) => {
-                let mut all: Vec<ChangeHash> = d.known.iter().chain(&d.added).copied().collect();
-                all.sort();
-                all.dedup();
-                all
+    /// With [`Table::changes_missing`] this is anti-entropy: a document's history is tens of
+    /// changes (a node document under faults a few hundred certificates), so two nodes
+    /// exchange the names of all of them and then exactly the changes the other lacks.
+    /// Automerge's sync protocol (Bloom filters over rounds, per-peer session state, a full
+    /// save to send most of a small document) was most of the repair after a 1,000-node
+    /// partition healed: first for job documents, then, once those used this, the 196,000
+    /// node-document sessions open at the heal.
+    pub fn doc_hashes(&mut self, doc_id: &DocId) -> Vec<[u8; 32]> {
+        let hashes: Vec<ChangeHash> = match doc_id {
+            DocId::Node(id) => match self.nodes.get_mut(id) {
+                Some(entry) => entry.held_hashes(),
+                None => Vec::new(),
+            },
+            DocId::Job(id) => {
+                if self.tombstones.contains_key(id) {
+                    return Vec::new();
+                }
+                match self.jobs.get_mut(id) {
+                    Some(entry) => entry.held_hashes(),
+                    None => Vec::new(),
+                }
             }
-            (None, Some(doc), _) => doc.change_hashes(),
-            (None, None, Some(f)) => f.hashes.to_vec(),
-            (None, None, None) => Vec::new(),
         };
         hashes.into_iter().map(|h| h.0).collect()
     }
 
-    /// The changes of a job's document that are not among `theirs` (the sorted
-    /// [`Table::job_hashes`] of a peer), in causal order: exactly what the peer lacks of what
+    /// [`Table::doc_hashes`] of a job.
+    pub fn job_hashes(&mut self, job: &str) -> Vec<[u8; 32]> {
+        self.doc_hashes(&DocId::Job(job.to_string()))
+    }
+
+    /// The changes of a document that are not among `theirs` (the sorted
+    /// [`Table::doc_hashes`] of a peer), in causal order: exactly what the peer lacks of what
     /// this table holds. Reading a cold document loads it once per state (shared, see
     /// `frozen`), never copies it, and leaves it cold.
-    pub fn job_changes_missing(&mut self, job: &str, theirs: &[[u8; 32]]) -> Vec<Vec<u8>> {
-        let mine = self.job_hashes(job);
+    pub fn changes_missing(&mut self, doc_id: &DocId, theirs: &[[u8; 32]]) -> Vec<Vec<u8>> {
+        let mine = self.doc_hashes(doc_id);
         let (common, missing): (Vec<[u8; 32]>, Vec<[u8; 32]>) =
             mine.into_iter().partition(|h| theirs.binary_search(h).is_ok());
         if missing.is_empty() {
             return Vec::new();
         }
         let missing: BTreeSet<ChangeHash> = missing.into_iter().map(ChangeHash).collect();
+        let common: Vec<ChangeHash> = common.into_iter().map(ChangeHash).collect();
         let actor = self.actor.clone();
-        let Some(entry) = self.jobs.get_mut(job) else { return Vec::new() };
-        // Held by the deferral: after the document's own changes (they depend on them).
-        let mut held: Vec<Vec<u8>> = Vec::new();
-        let mut base_missing = missing.len();
-        if let Some(d) = &entry.deferred {
-            for (hash, bytes) in d.added.iter().zip(&d.pending) {
-                if missing.contains(hash) {
-                    held.push(bytes.to_vec());
-                    base_missing -= 1;
-                }
-            }
+        match doc_id {
+            DocId::Node(id) => self.nodes.get_mut(id).map(|e| e.changes_missing(&actor, &missing, common)),
+            DocId::Job(id) => self.jobs.get_mut(id).map(|e| e.changes_missing(&actor, &missing, common)),
         }
-        // The peer's changes the document holds: its history is closed under dependencies,
-        // so the document's changes not behind them are exactly those it lacks.
-        let have: Vec<ChangeHash> = match &entry.deferred {
-            Some(d) => common.into_iter().map(ChangeHash).filter(|h| d.known.binary_search(h).is_ok()).collect(),
-            None => common.into_iter().map(ChangeHash).collect(),
-        };
-        let mut out = match (&mut entry.doc, &entry.cold) {
-            _ if base_missing == 0 => Vec::new(),
-            (Some(doc), _) => doc.changes_after(&have),
-            (None, Some(f)) => f.read(&actor, |doc| doc.changes_after(&have)).unwrap_or_default(),
-            (None, None) => Vec::new(),
-        };
-        out.extend(held);
-        out
+        .unwrap_or_default()
+    }
+
+    /// [`Table::changes_missing`] of a job.
+    pub fn job_changes_missing(&mut self, job: &str, theirs: &[[u8; 32]]) -> Vec<Vec<u8>> {
+        self.changes_missing(&DocId::Job(job.to_string()), theirs)
     }
 
     /// Keeps a job's document cold (saved bytes only) until it is next written or synced.

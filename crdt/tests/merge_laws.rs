@@ -434,29 +434,41 @@ fn sync_doc(a: &mut Table, b: &mut Table, doc: &DocId) -> usize {
     panic!("sync of {doc:?} did not quiesce in 50 rounds");
 }
 
-/// Repairs one job document as two node cores do (`Have`, answered with the changes the
-/// other lacks, and a `Have` back if the answerer lacks some). Returns the changes sent.
-fn repair_job(a: &mut Table, b: &mut Table, job: &str) -> usize {
-    let doc = DocId::Job(job.to_string());
-    let ha = a.job_hashes(job);
-    let hb = b.job_hashes(job);
+/// Repairs one document as two node cores do (`Have`, answered with the changes the other
+/// lacks, and a `Have` back if the answerer lacks some). Returns the changes sent.
+fn repair_doc(a: &mut Table, b: &mut Table, doc: &DocId) -> usize {
+    let ha = a.doc_hashes(doc);
+    let hb = b.doc_hashes(doc);
     assert!(ha.windows(2).all(|p| p[0] < p[1]) && hb.windows(2).all(|p| p[0] < p[1]), "sorted, no repeats");
-    let to_a = b.job_changes_missing(job, &ha);
-    let to_b =
-        if ha.iter().any(|h| hb.binary_search(h).is_err()) { a.job_changes_missing(job, &hb) } else { Vec::new() };
+    let to_a = b.changes_missing(doc, &ha);
+    let to_b = if ha.iter().any(|h| hb.binary_search(h).is_err()) { a.changes_missing(doc, &hb) } else { Vec::new() };
     for (table, changes) in [(&mut *a, &to_a), (&mut *b, &to_b)] {
         if !changes.is_empty() {
-            table.apply_changes(&doc, changes).expect("repair sends valid changes");
+            table.apply_changes(doc, changes).expect("repair sends valid changes");
         }
     }
     to_a.len() + to_b.len()
 }
 
+/// [`repair_doc`] of a job.
+fn repair_job(a: &mut Table, b: &mut Table, job: &str) -> usize {
+    repair_doc(a, b, &DocId::Job(job.to_string()))
+}
+
+/// How anti-entropy repairs a differing document.
+#[derive(Clone, Copy, Debug)]
+enum Repair {
+    /// `Have` and the missing changes, as node cores do.
+    Have,
+    /// Automerge sync sessions (the table's other repair path, which a core answers).
+    Sessions,
+}
+
 /// Anti-entropy as a node would run it: compare bucket hashes, list the differing buckets'
-/// documents on both sides, repair those (job documents by `Have`, node documents by sync
-/// sessions). Returns the rounds it took: more than one when changes wait for dependencies
-/// the other side holds (each round unlocks a link of such a chain; at most 5 in 1,000 cases).
-fn anti_entropy(a: &mut Table, b: &mut Table) -> usize {
+/// documents on both sides, repair those by `repair`. Returns the rounds it took: more than
+/// one when changes wait for dependencies the other side holds (each round unlocks a link of
+/// such a chain; at most 5 in 1,000 cases).
+fn anti_entropy_by(a: &mut Table, b: &mut Table, repair: Repair) -> usize {
     for round in 0..20 {
         let (ha, hb) = (a.bucket_hashes(), b.bucket_hashes());
         let differing: Vec<usize> = (0..BUCKETS).filter(|i| ha[*i] != hb[*i]).collect();
@@ -470,17 +482,18 @@ fn anti_entropy(a: &mut Table, b: &mut Table) -> usize {
         }
         let docs: BTreeSet<&DocId> = sa.keys().chain(sb.keys()).filter(|d| sa.get(*d) != sb.get(*d)).collect();
         for doc in docs {
-            match doc {
-                DocId::Job(job) => {
-                    repair_job(a, b, job);
-                }
-                DocId::Node(_) => {
-                    sync_doc(a, b, doc);
-                }
-            }
+            match repair {
+                Repair::Have => repair_doc(a, b, doc),
+                Repair::Sessions => sync_doc(a, b, doc),
+            };
         }
     }
     panic!("anti-entropy did not converge in 20 rounds");
+}
+
+/// Anti-entropy as node cores run it (`Have`).
+fn anti_entropy(a: &mut Table, b: &mut Table) -> usize {
+    anti_entropy_by(a, b, Repair::Have)
 }
 
 // ---------------------------------------------------------------- properties
@@ -612,21 +625,26 @@ proptest! {
     }
 
     /// I1 through anti-entropy only: two tables that diverged converge by comparing bucket
-    /// hashes and summaries and repairing the differing documents (`Have` for jobs, sync
-    /// sessions for nodes), and end where a replica that got every change ends.
+    /// hashes and summaries and repairing the differing documents (by `Have`, or by Automerge
+    /// sync sessions), and end where a replica that got every change ends.
     #[test]
-    fn two_diverged_tables_converge_through_sync_alone((_, ops) in scenario(40, false), seed in any::<u64>()) {
+    fn two_diverged_tables_converge_through_sync_alone(
+        (_, ops) in scenario(40, false),
+        seed in any::<u64>(),
+        sessions in any::<bool>(),
+    ) {
+        let repair = if sessions { Repair::Sessions } else { Repair::Have };
         let ops: Vec<(usize, Op)> = ops.into_iter().map(|(t, op)| (t % 2, op)).collect();
         let world = World::run(2, &ops, true);
         let [mut a, mut b]: [Table; 2] = world.tables.try_into().unwrap();
-        anti_entropy(&mut a, &mut b);
+        anti_entropy_by(&mut a, &mut b, repair);
         prop_assert_eq!(a.digest(), b.digest());
         prop_assert_eq!(view(&a, true), view(&b, true));
         let mut merged = new_table(9);
         deliver(&mut merged, &world.log, &mut Rng(seed));
         prop_assert_eq!(view(&a, true), view(&merged, true));
         // Converged tables have nothing to say to each other.
-        prop_assert_eq!(anti_entropy(&mut a, &mut b), 0);
+        prop_assert_eq!(anti_entropy_by(&mut a, &mut b, repair), 0);
     }
 
     /// I1 through repair after partial delivery: two replicas that each got a random part of
@@ -670,6 +688,10 @@ proptest! {
         prop_assert_eq!(view(&a, true), view(&union, true));
         for j in 0..JOBS {
             prop_assert_eq!(repair_job(&mut a, &mut b, &job_id(j)), 0, "nothing more to send once equal");
+        }
+        let nodes: Vec<DocId> = a.nodes().map(|(id, _)| DocId::Node(id.clone())).collect();
+        for doc in &nodes {
+            prop_assert_eq!(repair_doc(&mut a, &mut b, doc), 0, "nothing more to send once equal");
         }
     }
 

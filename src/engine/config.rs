@@ -99,12 +99,13 @@ pub struct Limits {
     pub snapshot_after_bytes: usize,
     /// Documents offered in one anti-entropy summary.
     pub summary_entries: usize,
-    /// Documents one anti-entropy round syncs at most, a random choice among those that
-    /// differ; the next rounds take the rest. Repair is rate-limited, as in Cassandra's or
-    /// Riak's anti-entropy: under a partition where every node sees a different half (a
-    /// ring), two neighbours differ in thousands of documents, and syncing all of them every
-    /// second kept two million sessions open across 1,000 simulated nodes. 256 documents a
-    /// round is more than a 5-node cluster of 200 jobs ever differs by.
+    /// Documents a node asks peers to repair (`Have`) per anti-entropy interval at most, a
+    /// random choice among those that differ; later intervals take the rest. The regular
+    /// round and the eager rounds with new peers share it. Repair is rate-limited, as in
+    /// Cassandra's or Riak's anti-entropy: under a partition where every node sees a different
+    /// half (a ring), two neighbours differ in thousands of documents, and syncing all of them
+    /// every second kept two million sessions open across 1,000 simulated nodes. 256
+    /// documents an interval is more than a 5-node cluster of 200 jobs ever differs by.
     #[serde(default = "default_sync_docs_per_round")]
     pub sync_docs_per_round: usize,
 }

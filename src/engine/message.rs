@@ -46,7 +46,8 @@ pub enum Message {
         /// (document, hash) for every document the sender holds in those buckets.
         entries: Vec<(DocId, u64)>,
     },
-    /// Anti-entropy, step 3: one Automerge sync message for one document.
+    /// One Automerge sync message for one document. Node cores repair by `Have` and never
+    /// start a sync session; they answer one a peer starts.
     Sync {
         /// Which document.
         doc: DocId,
@@ -58,14 +59,14 @@ pub enum Message {
         /// The compacted jobs.
         jobs: Vec<JobId>,
     },
-    /// Anti-entropy, step 3 for a job document: the name (hash) of every change of it the
-    /// sender holds, sorted. The receiver answers with `Changes` holding exactly what the
-    /// sender lacks and, if the sender holds changes the receiver lacks and `reply` is set, a
-    /// `Have` of its own (with `reply` unset, so the exchange ends there). Last, so the
-    /// variants before it keep their wire tags.
+    /// Anti-entropy, step 3: the name (hash) of every change of one document the sender
+    /// holds, sorted. The receiver answers with `Changes` holding exactly what the sender
+    /// lacks and, if the sender holds changes the receiver lacks and `reply` is set, a `Have`
+    /// of its own (with `reply` unset, so the exchange ends there). Last, so the variants
+    /// before it keep their wire tags.
     Have {
-        /// Which job.
-        job: JobId,
+        /// Which document.
+        doc: DocId,
         /// Sorted change hashes.
         hashes: Vec<[u8; 32]>,
         /// Whether the receiver should answer with its own `Have`.
