@@ -205,6 +205,19 @@ impl SharedStates {
         self.live.kept.lock().map_or(0, |k| k.iter().filter(|w| w.strong_count() > 0).count())
     }
 
+    /// Job-document states some table holds: how many, their bytes, and the change hashes
+    /// they list (for the simulator's memory report).
+    pub fn job_states(&self) -> (usize, usize, usize) {
+        let Ok(memo) = self.jobs.lock() else { return (0, 0, 0) };
+        let mut out = (0, 0, 0);
+        for frozen in memo.by_heads.values().filter_map(Weak::upgrade) {
+            out.0 += 1;
+            out.1 += frozen.bytes.len();
+            out.2 += frozen.hashes.len();
+        }
+        out
+    }
+
     /// Parses change bytes, from the shared cache where another table parsed them before.
     pub(crate) fn parse(&self, changes: &[Vec<u8>]) -> Result<Vec<automerge::Change>, DocError> {
         let Ok(mut cache) = self.changes.lock() else { return Doc::parse_changes(changes) };

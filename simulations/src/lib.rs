@@ -628,8 +628,9 @@ impl Sim {
         }
         let t = self.footprint();
         let unique: usize = self.pool.records.iter().map(|r| r.len()).sum();
+        let job_states = self.states.job_states();
         format!(
-            "disk {} MB in {} records ({} MB in {} distinct); job docs {} ({} live), cold {} MB, {} states kept loaded; tombstones {}; sync sessions {}; cached jobs {}; pending {}; timers {}; queued events {}",
+            "disk {} MB in {} records ({} MB in {} distinct); job docs {} ({} live), cold {} MB, {} states kept loaded, {} job states ({} MB, {} hashes); tombstones {}; sync sessions {}; cached jobs {}; pending {}; timers {}; queued events {}",
             disk >> 20,
             records,
             unique >> 20,
@@ -638,6 +639,9 @@ impl Sim {
             t.live_job_documents,
             t.cold_bytes >> 20,
             self.states.kept_live(),
+            job_states.0,
+            job_states.1 >> 20,
+            job_states.2,
             t.tombstones,
             t.sync_sessions,
             t.cached_jobs,
