@@ -6,6 +6,7 @@
 //! [`crate::table`]), so no write ever races another.
 
 use crate::spec::{JobSpec, Resources};
+pub use litemap::LiteMap;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -114,11 +115,17 @@ pub struct JobRecord {
     /// parsed once per process (`shared_header`).
     pub header: Option<Arc<JobHeader>>,
     /// Stop requests by node.
-    pub stops: BTreeMap<NodeId, StopRequest>,
+    pub stops: LiteMap<NodeId, StopRequest>,
     /// Claims by (instance, node).
-    pub claims: BTreeMap<(u32, NodeId), Claim>,
+    pub claims: LiteMap<(u32, NodeId), Claim>,
     /// Runs by (instance, attempt, node).
-    pub runs: BTreeMap<(u32, u32, NodeId), Run>,
+    pub runs: LiteMap<(u32, u32, NodeId), Run>,
+}
+
+/// The entries of `map` from `from` on, in key order (`BTreeMap::range(from..)`).
+pub fn range_from<'a, K: Ord, V>(map: &'a LiteMap<K, V>, from: &K) -> impl Iterator<Item = (&'a K, &'a V)> {
+    let start = map.find_index(from).unwrap_or_else(|at| at);
+    map.as_slice()[start..].iter().map(|(k, v)| (k, v))
 }
 
 /// Static facts about a node, written by the node itself.

@@ -170,9 +170,7 @@ pub fn winner<'a>(
     attempt: u32,
     state: &dyn Fn(&str) -> NodeState,
 ) -> Option<&'a NodeId> {
-    record
-        .claims
-        .range((index, String::new())..)
+    crate::records::range_from(&record.claims, &(index, String::new()))
         .take_while(|((i, _), _)| *i == index)
         .filter(|((_, node), claim)| claim_is_valid(record, index, attempt, node, claim, state))
         .min_by_key(|((_, node), _)| (rank_key(job, index, attempt, node), (*node).clone()))
@@ -245,9 +243,7 @@ pub fn evaluate_instance(
     index: u32,
     state: &dyn Fn(&str) -> NodeState,
 ) -> InstanceView {
-    let runs: Vec<(u32, &NodeId, &Run)> = record
-        .runs
-        .range((index, 0, String::new())..)
+    let runs: Vec<(u32, &NodeId, &Run)> = crate::records::range_from(&record.runs, &(index, 0, String::new()))
         .take_while(|((i, _, _), _)| *i == index)
         .map(|((_, a, n), r)| (*a, n, r))
         .collect();
@@ -289,9 +285,7 @@ pub fn evaluate_instance(
         }
     }
 
-    let claims_max = record
-        .claims
-        .range((index, String::new())..)
+    let claims_max = crate::records::range_from(&record.claims, &(index, String::new()))
         .take_while(|((i, _), _)| *i == index)
         .map(|(_, c)| c.attempt)
         .max();

@@ -1135,7 +1135,8 @@ impl Engine {
         let claimants: Vec<u32> = views
             .iter()
             .map(|v| {
-                let claims = record.claims.range((v.index, String::new())..).take_while(|((i, _), _)| *i == v.index);
+                let claims = colony_crdt::records::range_from(&record.claims, &(v.index, String::new()))
+                    .take_while(|((i, _), _)| *i == v.index);
                 claims.filter(|(_, c)| c.attempt == v.attempt).count() as u32
             })
             .collect();

@@ -114,9 +114,7 @@ impl Engine {
         let instances: Vec<InstanceJson> = views
             .iter()
             .map(|v| {
-                let runs = record
-                    .runs
-                    .range((v.index, 0, String::new())..)
+                let runs = colony_crdt::records::range_from(&record.runs, &(v.index, 0, String::new()))
                     .take_while(|((i, _, _), _)| *i == v.index)
                     .map(|((_, attempt, node), r)| RunJson {
                         attempt: *attempt,
@@ -199,7 +197,10 @@ impl Engine {
         let header = record.header.as_ref()?;
         let state = |n: &str| self.node_states.get(n).copied().unwrap_or(NodeState::Alive);
         let view = evaluate_instance(job, record, &header.spec, index, &state);
-        let runs = || record.runs.range((index, 0, String::new())..).take_while(|((i, _, _), _)| *i == index);
+        let runs = || {
+            colony_crdt::records::range_from(&record.runs, &(index, 0, String::new()))
+                .take_while(|((i, _, _), _)| *i == index)
+        };
         if let Some(owner) = view.owner {
             if runs().any(|((_, _, n), _)| *n == owner) {
                 return Some(owner);
