@@ -282,6 +282,32 @@ fn shared_header(json: &str) -> Option<Arc<JobHeader>> {
     Some(header)
 }
 
+/// One shared copy of a node id per process, for structures that name the same few nodes
+/// once per job (a node core's evaluation cache: owners, participants, allocations). A
+/// `String` per mention is about 88 bytes; a shared one 16. Like [`shared_header`], pure:
+/// the value is the id itself, so no decision depends on whether it was shared.
+pub fn shared_node_id(id: &str) -> Arc<str> {
+    #[derive(Default)]
+    struct Ids {
+        by_text: HashMap<Box<str>, Weak<str>>,
+        purge_at: usize,
+    }
+    static IDS: OnceLock<Mutex<Ids>> = OnceLock::new();
+    // A poisoned lock (a panic elsewhere while holding it) only loses the sharing.
+    let Ok(mut ids) = IDS.get_or_init(Mutex::default).lock() else { return id.into() };
+    if let Some(shared) = ids.by_text.get(id).and_then(Weak::upgrade) {
+        return shared;
+    }
+    let shared: Arc<str> = id.into();
+    ids.by_text.insert(id.into(), Arc::downgrade(&shared));
+    if ids.by_text.len() > ids.purge_at {
+        // Forget ids nothing holds any more (nodes gone from every job).
+        ids.by_text.retain(|_, i| i.strong_count() > 0);
+        ids.purge_at = (ids.by_text.len() * 2).max(1024);
+    }
+    shared
+}
+
 impl NodeRecord {
     /// Parses a node document's entries; malformed entries are skipped.
     pub fn parse<'a>(entries: impl Iterator<Item = (&'a str, &'a str)>) -> NodeRecord {

@@ -17,6 +17,7 @@ pub use config::{EngineConfig, Limits, Retention, Timing};
 pub use message::{DecodeError, Message};
 pub use views::{InstanceJson, JobJson, NodeJson, RunJson};
 
+use colony_crdt::records::shared_node_id;
 use colony_crdt::rules::{self, evaluate_instance, InstanceView, JobStatus, NodeState};
 use colony_crdt::{
     Claim, DocId, InstanceStatus, JobHeader, JobId, JobSpec, NodeId, NodeInfo, NodeMode, Resources, RestartPlacement,
@@ -187,16 +188,19 @@ struct PendingSince {
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
+///
+/// Node ids in it are shared (`shared_node_id`): each job names a few nodes, on every node,
+/// and a `String` per mention was about 500 bytes per job per node.
 struct JobCache {
     status: Option<JobStatus>,
-    instances: Vec<(InstanceStatus, Option<NodeId>)>,
-    allocation: Vec<(NodeId, Resources)>,
+    instances: Vec<(InstanceStatus, Option<Arc<str>>)>,
+    allocation: Vec<(Arc<str>, Resources)>,
     priority: i32,
     finished_at_ms: Option<u64>,
     /// Nodes with a claim or a run in the job, sorted and distinct: their state decides its
     /// winners and status. A vector, not a set: it holds one to three nodes, and a set's node
     /// cost about 300 bytes per job on every node.
-    participants: Vec<NodeId>,
+    participants: Vec<Arc<str>>,
 }
 
 /// Sizes of a node's main structures (see [`Engine::footprint`]).
@@ -1127,8 +1131,13 @@ impl Engine {
         let stopped = !record.stops.is_empty();
         let status = rules::job_status(stopped, &views);
         let finished_at_ms = status.is_terminal().then(|| rules::finished_at_ms(record));
-        let mut participants: Vec<NodeId> =
-            record.claims.keys().map(|(_, n)| n).chain(record.runs.keys().map(|(_, _, n)| n)).cloned().collect();
+        let mut participants: Vec<Arc<str>> = record
+            .claims
+            .keys()
+            .map(|(_, n)| n)
+            .chain(record.runs.keys().map(|(_, _, n)| n))
+            .map(|n| shared_node_id(n))
+            .collect();
         participants.sort_unstable();
         participants.dedup();
         // Claims written on each instance's current attempt, valid or not (see `try_claim`).
@@ -1180,14 +1189,14 @@ impl Engine {
         status: JobStatus,
         views: &[InstanceView],
         finished_at_ms: Option<u64>,
-        participants: Vec<NodeId>,
+        participants: Vec<Arc<str>>,
     ) {
-        let instances: Vec<(InstanceStatus, Option<NodeId>)> =
-            views.iter().map(|v| (v.status, v.owner.clone())).collect();
-        let allocation: Vec<(NodeId, Resources)> = views
+        let instances: Vec<(InstanceStatus, Option<Arc<str>>)> =
+            views.iter().map(|v| (v.status, v.owner.as_deref().map(shared_node_id))).collect();
+        let allocation: Vec<(Arc<str>, Resources)> = views
             .iter()
             .filter(|v| matches!(v.status, InstanceStatus::Claimed | InstanceStatus::Running))
-            .filter_map(|v| v.owner.clone().map(|o| (o, spec.resources)))
+            .filter_map(|v| v.owner.as_deref().map(|o| (shared_node_id(o), spec.resources)))
             .collect();
         let old = self.cache.remove(job).unwrap_or_default();
         if old.status != Some(status) {
@@ -1199,7 +1208,7 @@ impl Engine {
                     job: job.to_string(),
                     index: i as u32,
                     status: inst.0,
-                    node: inst.1.clone(),
+                    node: inst.1.as_deref().map(str::to_string),
                 });
             }
         }
@@ -1208,9 +1217,12 @@ impl Engine {
         }
         self.index_participants(job, &old.participants, &participants);
         for (node, r) in &allocation {
-            let a = self.allocated.entry(node.clone()).or_default();
+            if !self.allocated.contains_key(&**node) {
+                self.allocated.insert(node.to_string(), Resources::default());
+            }
+            let Some(a) = self.allocated.get_mut(&**node) else { continue };
             *a = a.plus(*r);
-            if let Some(c) = self.candidates.get_mut(node) {
+            if let Some(c) = self.candidates.get_mut(&**node) {
                 c.allocated = *a;
             }
         }
@@ -1497,17 +1509,17 @@ impl Engine {
     }
 
     /// Moves `job` in the `participating` index from the nodes `old` to the nodes `new`.
-    fn index_participants(&mut self, job: &str, old: &[NodeId], new: &[NodeId]) {
+    fn index_participants(&mut self, job: &str, old: &[Arc<str>], new: &[Arc<str>]) {
         for node in old.iter().filter(|n| new.binary_search(n).is_err()) {
-            if let Some(jobs) = self.participating.get_mut(node) {
+            if let Some(jobs) = self.participating.get_mut(&**node) {
                 jobs.remove(job);
                 if jobs.is_empty() {
-                    self.participating.remove(node);
+                    self.participating.remove(&**node);
                 }
             }
         }
         for node in new.iter().filter(|n| old.binary_search(n).is_err()) {
-            self.participating.entry(node.clone()).or_default().insert(job.to_string());
+            self.participating.entry(node.to_string()).or_default().insert(job.to_string());
         }
     }
 
