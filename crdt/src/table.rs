@@ -212,8 +212,6 @@ impl<R: Default + Shared> Entry<R> {
         self.cold = Some(prior);
     }
 
-    /// The next sync message in `state`, from a copy of a cold document: generating changes
-    /// nothing, so the document stays cold.
     /// Every change held, sorted (see [`Table::doc_hashes`]).
     fn held_hashes(&mut self) -> Vec<ChangeHash> {
         match (&self.deferred, &mut self.doc, &self.cold) {
@@ -264,6 +262,8 @@ impl<R: Default + Shared> Entry<R> {
         out
     }
 
+    /// The next sync message in `state`, from a copy of a cold document: generating changes
+    /// nothing, so the document stays cold.
     fn generate_sync(&mut self, actor: &ActorId, state: &mut SyncState) -> Option<Vec<u8>> {
         match (&mut self.doc, &self.cold) {
             (Some(doc), _) => doc.generate_sync(state),
