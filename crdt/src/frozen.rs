@@ -22,8 +22,9 @@ use std::sync::{Arc, Mutex, Weak};
 
 /// A document at rest.
 pub(crate) struct Frozen<R> {
-    /// Automerge bytes that load to the document: a save, possibly followed by change chunks.
-    pub bytes: Box<[u8]>,
+    /// Automerge bytes that load to the document: a save, possibly followed by change chunks
+    /// (see [`Chunks`]).
+    pub bytes: Chunks,
     /// Its heads, sorted.
     pub heads: Box<[ChangeHash]>,
     /// Every change of its history, sorted.
@@ -73,11 +74,58 @@ impl<R: Send + Sync> ClearLive for Frozen<R> {
     }
 }
 
+/// A document's bytes as the state it was loaded from left them, shared, followed by the
+/// change chunks applied since, its own. Under a partition every node reaches states no other
+/// does, each its earlier state plus a few changes: copying the earlier state's bytes into
+/// each (about 2 KB a job) was a large share of the simulator's memory per job per node.
+#[derive(Clone, Default)]
+pub(crate) struct Chunks {
+    /// A save (possibly followed by chunks), shared with the state it came from.
+    pub base: Arc<[u8]>,
+    /// Change chunks appended to `base`.
+    pub tail: Box<[u8]>,
+}
+
+impl Chunks {
+    /// Bytes of a fresh save.
+    pub fn saved(bytes: Vec<u8>) -> Chunks {
+        Chunks { base: bytes.into(), tail: Box::default() }
+    }
+
+    /// Total length.
+    pub fn len(&self) -> usize {
+        self.base.len() + self.tail.len()
+    }
+
+    /// The bytes in one piece: borrowed when nothing was appended.
+    pub fn joined(&self) -> std::borrow::Cow<'_, [u8]> {
+        if self.tail.is_empty() {
+            return std::borrow::Cow::Borrowed(&self.base);
+        }
+        let mut out = Vec::with_capacity(self.len());
+        out.extend_from_slice(&self.base);
+        out.extend_from_slice(&self.tail);
+        std::borrow::Cow::Owned(out)
+    }
+}
+
 impl<R> Frozen<R> {
-    /// A frozen state that no table has loaded yet.
+    /// A frozen state that no table has loaded yet, from a fresh save.
+    #[cfg(test)]
     pub fn new(bytes: Vec<u8>, heads: Vec<ChangeHash>, hashes: Vec<ChangeHash>, appends: u32, record: Arc<R>) -> Self {
+        Frozen::from_chunks(Chunks::saved(bytes), heads, hashes, appends, record)
+    }
+
+    /// A frozen state from bytes that may share their base with another state.
+    pub fn from_chunks(
+        bytes: Chunks,
+        heads: Vec<ChangeHash>,
+        hashes: Vec<ChangeHash>,
+        appends: u32,
+        record: Arc<R>,
+    ) -> Self {
         Frozen {
-            bytes: bytes.into_boxed_slice(),
+            bytes,
             heads: heads.into(),
             hashes: hashes.into(),
             appends,
@@ -89,7 +137,7 @@ impl<R> Frozen<R> {
 
     /// The document loaded from its bytes, its change hashes known.
     fn load_bytes(&self, actor: &ActorId) -> Result<Doc, DocError> {
-        let mut doc = Doc::load(&self.bytes, actor)?;
+        let mut doc = Doc::load(&self.bytes.joined(), actor)?;
         doc.set_change_hashes(&self.hashes);
         Ok(doc)
     }
@@ -463,8 +511,9 @@ mod tests {
         let heads = state.heads.to_vec();
         let record = Arc::new(JobRecord::default());
         let states = SharedStates::default();
-        let frozen =
-            || Frozen::new(state.bytes.to_vec(), state.heads.to_vec(), state.hashes.to_vec(), 0, record.clone());
+        let frozen = || {
+            Frozen::new(state.bytes.joined().to_vec(), state.heads.to_vec(), state.hashes.to_vec(), 0, record.clone())
+        };
         let shared = share(Some(&states), frozen());
         let found = lookup::<JobRecord>(Some(&states), &heads).expect("shared state is found");
         assert!(Arc::ptr_eq(&shared, &found));

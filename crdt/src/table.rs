@@ -14,7 +14,7 @@
 //! bounded tombstone list keeps peers from handing it back. See ARCHITECTURE.md.
 
 use crate::doc::{heads_hash, push_waiting, Doc, DocError, Held, SyncState, Waiting};
-use crate::frozen::{self, Frozen, Shared, SharedStates};
+use crate::frozen::{self, Chunks, Frozen, Shared, SharedStates};
 use crate::hash::{mix64, stable_hash};
 use crate::records::{
     keys, Claim, DocId, JobHeader, JobId, JobRecord, NodeId, NodeInfo, NodeMode, NodeRecord, Run, StopRequest,
@@ -74,8 +74,38 @@ struct Entry<R> {
 
 /// Cold bytes plus appended change chunks; see [`Entry::log`].
 struct Log {
-    bytes: Vec<u8>,
+    /// Shared with the frozen state the document was loaded from.
+    base: Arc<[u8]>,
+    /// The chunks appended since.
+    tail: Vec<u8>,
     appended: u32,
+}
+
+impl Log {
+    /// The log of a frozen state, to append to.
+    fn of<R>(state: &Frozen<R>) -> Log {
+        Log { base: state.bytes.base.clone(), tail: state.bytes.tail.to_vec(), appended: state.appends }
+    }
+
+    /// The log of a document new here.
+    fn empty() -> Log {
+        Log { base: Arc::default(), tail: Vec::new(), appended: 0 }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.base.is_empty() && self.tail.is_empty()
+    }
+
+    fn into_chunks(self) -> Chunks {
+        Chunks { base: self.base, tail: self.tail.into_boxed_slice() }
+    }
+
+    fn joined(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.base.len() + self.tail.len());
+        out.extend_from_slice(&self.base);
+        out.extend_from_slice(&self.tail);
+        out
+    }
 }
 
 /// After this many appends a freeze encodes the document afresh, so loading a cold
@@ -183,10 +213,13 @@ impl<R: Default + Shared> Entry<R> {
             let mut hashes = doc.change_hashes();
             hashes.sort();
             let (bytes, appends) = match log {
-                Some(log) => (log.bytes, log.appended),
-                None => (doc.save(), 0),
+                Some(log) => {
+                    let appended = log.appended;
+                    (log.into_chunks(), appended)
+                }
+                None => (Chunks::saved(doc.save()), 0),
             };
-            let state = frozen::share(shared, Frozen::new(bytes, heads, hashes, appends, self.record.clone()));
+            let state = frozen::share(shared, Frozen::from_chunks(bytes, heads, hashes, appends, self.record.clone()));
             // The next table to need this state live copies this document.
             state.keep_live(doc);
             self.cold = Some(state);
@@ -273,11 +306,11 @@ impl<R: Default + Shared> Entry<R> {
     }
 
     /// For a cold document: its bytes and appends, the base of a log (see [`Entry::log`]).
-    fn log_base(&self) -> Option<(Vec<u8>, u32)> {
+    fn log_base(&self) -> Option<Log> {
         if self.doc.is_some() {
             return None;
         }
-        self.cold.as_ref().map(|f| (f.bytes.to_vec(), f.appends))
+        self.cold.as_deref().map(Log::of)
     }
 
     /// After changes were applied to the document just loaded from `base`: the log (`base`
@@ -285,8 +318,8 @@ impl<R: Default + Shared> Entry<R> {
     /// since it was loaded; changes left waiting are not among them), unless changes wait
     /// inside Automerge itself (a log must load to exactly this document) or the log is long
     /// enough that the next freeze should encode afresh.
-    fn append_log(&mut self, base: Vec<u8>, appended: u32) {
-        self.carry_log(Log { bytes: base, appended }, 0, true);
+    fn append_log(&mut self, base: Log) {
+        self.carry_log(base, 0, true);
     }
 
     /// Takes the log of a live document that still has one (one just brought up to date from
@@ -314,7 +347,7 @@ impl<R: Default + Shared> Entry<R> {
             return;
         }
         let Some(applied) = doc.unsaved_chunks().and_then(|c| c.get(mark..)) else { return };
-        log.bytes.extend_from_slice(applied);
+        log.tail.extend_from_slice(applied);
         log.appended += 1;
         self.log = Some(log);
     }
@@ -333,7 +366,7 @@ impl<R: Default + Shared> Entry<R> {
     fn save(&mut self) -> Vec<u8> {
         match (&mut self.doc, &self.cold) {
             (Some(doc), _) => doc.save(),
-            (None, Some(f)) => f.bytes.to_vec(),
+            (None, Some(f)) => f.bytes.joined().to_vec(),
             (None, None) => Vec::new(),
         }
     }
@@ -828,11 +861,11 @@ impl Table {
         // describe the result, so freezing it afterwards need not encode it (see `Entry::log`).
         let prior = match doc_id {
             DocId::Job(id) => match self.jobs.get(id) {
-                None => Some((Vec::new(), 0)),
+                None => Some(Log::empty()),
                 Some(e) if e.deferred.as_ref().is_none_or(|d| d.pending.is_empty()) => e.log_base(),
                 Some(_) => None,
             },
-            DocId::Node(id) => self.nodes.get(id).map_or(Some((Vec::new(), 0)), Entry::log_base),
+            DocId::Node(id) => self.nodes.get(id).map_or(Some(Log::empty()), Entry::log_base),
         };
         // A live document whose log still describes it: the log follows the apply.
         let carried = match (&prior, doc_id) {
@@ -857,17 +890,17 @@ impl Table {
         let moved = match result {
             Ok(moved) => moved.unwrap_or(false),
             Err(e) => {
-                if let Some((base, _)) = &prior {
+                if let Some(base) = &prior {
                     self.rebuild_after_failed_apply(doc_id, base);
                 }
                 return Err(e);
             }
         };
         if moved {
-            if let Some((base, appended)) = prior {
+            if let Some(base) = prior {
                 match doc_id {
-                    DocId::Job(id) => self.jobs.get_mut(id).map(|e| e.append_log(base, appended)),
-                    DocId::Node(id) => self.nodes.get_mut(id).map(|e| e.append_log(base, appended)),
+                    DocId::Job(id) => self.jobs.get_mut(id).map(|e| e.append_log(base)),
+                    DocId::Node(id) => self.nodes.get_mut(id).map(|e| e.append_log(base)),
                 };
             }
             self.after_change(doc_id);
@@ -976,23 +1009,25 @@ impl Table {
 
     /// After an unguarded apply failed on a document loaded from `base`: back to `base`
     /// (or gone, if it was new here).
-    fn rebuild_after_failed_apply(&mut self, doc_id: &DocId, base: &[u8]) {
+    fn rebuild_after_failed_apply(&mut self, doc_id: &DocId, base: &Log) {
         let actor = self.actor.clone();
+        let empty = base.is_empty();
+        let base = base.joined();
         match doc_id {
-            DocId::Node(id) if base.is_empty() => {
+            DocId::Node(id) if empty => {
                 self.nodes.remove(id);
             }
-            DocId::Job(id) if base.is_empty() => {
+            DocId::Job(id) if empty => {
                 self.jobs.remove(id);
             }
             DocId::Node(id) => {
                 if let Some(e) = self.nodes.get_mut(id) {
-                    e.reload(base, &actor);
+                    e.reload(&base, &actor);
                 }
             }
             DocId::Job(id) => {
                 if let Some(e) = self.jobs.get_mut(id) {
-                    e.reload(base, &actor);
+                    e.reload(&base, &actor);
                 }
             }
         }
@@ -1151,7 +1186,7 @@ impl Table {
                         // None while deferred (see `Entry::waiting`); given back all the same.
                         doc.restore_waiting(std::mem::take(&mut entry.waiting));
                         entry.doc = Some(doc);
-                        log = Some(Log { bytes: shared.bytes.to_vec(), appended: shared.appends });
+                        log = Some(Log::of(&shared));
                     }
                     Err(_) => entry.cold = Some(shared),
                 }
@@ -1167,7 +1202,7 @@ impl Table {
                 None => doc.apply_changes(parsed),
             };
             if let (Err(_), Some(l)) = (&outcome, &log) {
-                if let Ok(rebuilt) = Doc::load(&l.bytes, &actor) {
+                if let Ok(rebuilt) = Doc::load(&l.joined(), &actor) {
                     *doc = rebuilt;
                 }
             }
@@ -1179,7 +1214,7 @@ impl Table {
             entry.log = match log {
                 Some(mut log) if applied && log.appended < MAX_LOG_APPENDS => {
                     for bytes in &deferred.pending {
-                        log.bytes.extend_from_slice(bytes);
+                        log.tail.extend_from_slice(bytes);
                     }
                     log.appended += 1;
                     Some(log)
@@ -1708,7 +1743,7 @@ mod tests {
         assert_eq!(cold.hashes.len(), 4);
 
         let mut expected = writer.jobs.get_mut("j").and_then(|e| e.doc.take()).expect("writer's document");
-        let mut loaded = Doc::load(&cold.bytes, &ActorId::from(&[3u8; 16][..])).expect("the log loads");
+        let mut loaded = Doc::load(&cold.bytes.joined(), &ActorId::from(&[3u8; 16][..])).expect("the log loads");
         assert_eq!(loaded.heads(), expected.heads());
         assert_eq!(loaded.entries(), expected.entries());
         assert_eq!(loaded.change_hashes(), expected.change_hashes());
