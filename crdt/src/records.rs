@@ -284,7 +284,7 @@ fn shared_header(json: &str) -> Option<Arc<JobHeader>> {
 
 /// One shared copy of a node id per process, for structures that name the same few nodes
 /// once per job (a node core's evaluation cache: owners, participants, allocations). A
-/// `String` per mention is about 88 bytes; a shared one 16. Like [`shared_header`], pure:
+/// `String` per mention is about 88 bytes; a shared one 16. Like the shared job headers, pure:
 /// the value is the id itself, so no decision depends on whether it was shared.
 pub fn shared_node_id(id: &str) -> Arc<str> {
     #[derive(Default)]
