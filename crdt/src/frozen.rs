@@ -14,7 +14,7 @@
 //! simulator of 1,000 nodes repeats every job's every state on every node, and loading,
 //! applying and re-encoding those states were most of its time.
 
-use crate::doc::{ready_set, Doc, DocError};
+use crate::doc::{ready_set, Doc, DocError, Held};
 use crate::records::{JobRecord, NodeRecord};
 use automerge::{ActorId, ChangeHash};
 use std::collections::{HashMap, VecDeque};
@@ -240,6 +240,43 @@ pub struct SharedStates {
     changes: Mutex<HashMap<Box<[u8]>, automerge::Change>>,
     /// Which states keep a loaded document.
     live: Arc<LiveBudget>,
+    /// Where the bytes of each change held beside a document are (see [`held`]).
+    held: Mutex<HeldIndex>,
+}
+
+/// Where a change's bytes are: a batch, not kept alive by this, and the index in it.
+type WeakHeld = (Weak<[Vec<u8>]>, usize);
+
+/// Change bytes held in deferrals and waiting lists, by change hash: weak, so a batch lives
+/// as long as some table holds one of its changes.
+#[derive(Default)]
+struct HeldIndex {
+    by_hash: HashMap<ChangeHash, WeakHeld>,
+    purge_at: usize,
+}
+
+/// Change `index` of `batch` (whose hash is `hash`), to hold beside a document: with shared
+/// states, the copy of its bytes some table of the process holds already, if any. A push
+/// reaches every node as one shared batch, but a repair (`Have` answered with `Changes`) is
+/// one batch per pair of nodes: when a 1,000-node ring partition healed, every node held
+/// the changes it was repaired with as private copies until its next sweep, gigabytes
+/// together. It changes no decision: the bytes are the same.
+pub(crate) fn held(states: Option<&SharedStates>, hash: ChangeHash, batch: &Arc<[Vec<u8>]>, index: usize) -> Held {
+    let own = || Held { batch: batch.clone(), index };
+    let Some(states) = states else { return own() };
+    // A poisoned lock (a panic elsewhere while holding it) only loses the sharing.
+    let Ok(mut held) = states.held.lock() else { return own() };
+    if let Some((batch, index)) = held.by_hash.get(&hash) {
+        if let Some(batch) = batch.upgrade() {
+            return Held { batch, index: *index };
+        }
+    }
+    held.by_hash.insert(hash, (Arc::downgrade(batch), index));
+    if held.by_hash.len() > held.purge_at {
+        held.by_hash.retain(|_, (b, _)| b.strong_count() > 0);
+        held.purge_at = (held.by_hash.len() * 2).max(1024);
+    }
+    own()
 }
 
 /// Parsed changes kept at most, per [`SharedStates`] (see [`MAX_LIVE`] for the figures).

@@ -947,8 +947,12 @@ impl Table {
                 Some(_) => return None,
             };
             let wait = |parsed: &mut [automerge::Change]| -> Vec<Waiting> {
-                let held = |index| Held { batch: batch.clone(), index };
-                plan.wait.iter().map(|&i| Waiting::new(&mut parsed[i], held(i))).collect()
+                let mut out = Vec::with_capacity(plan.wait.len());
+                for &i in &plan.wait {
+                    let bytes = frozen::held(states, parsed[i].hash(), batch, i);
+                    out.push(Waiting::new(&mut parsed[i], bytes));
+                }
+                out
             };
             if plan.new.is_empty() {
                 if !plan.wait.is_empty() {
@@ -1232,14 +1236,18 @@ impl Table {
     /// (as applying them to the live document would have; changes whose dependencies are
     /// missing wait, as there). `None` when the job is not deferred.
     fn defer_changes(&mut self, job: &str, parsed: &mut [automerge::Change], batch: &Arc<[Vec<u8>]>) -> Option<bool> {
+        let states = self.shared.as_deref();
         let entry = self.jobs.get_mut(job)?;
         let deferred = entry.deferred.as_mut()?;
         let plan = {
             let held = |h: &ChangeHash| deferred.known.binary_search(h).is_ok() || deferred.added.contains(h);
             frozen::plan_held(held, &deferred.heads, &deferred.waiting, parsed)
         };
-        let wait: Vec<Waiting> =
-            plan.wait.iter().map(|&i| Waiting::new(&mut parsed[i], Held { batch: batch.clone(), index: i })).collect();
+        let mut wait: Vec<Waiting> = Vec::with_capacity(plan.wait.len());
+        for &i in &plan.wait {
+            let bytes = frozen::held(states, parsed[i].hash(), batch, i);
+            wait.push(Waiting::new(&mut parsed[i], bytes));
+        }
         if plan.new.is_empty() {
             push_waiting(&mut deferred.waiting, wait);
             return Some(false);
@@ -1253,7 +1261,8 @@ impl Table {
             items.push((w.hash(), frozen::WaitingChange::deps(&w).to_vec(), w.into_held()));
         }
         for &i in &plan.new {
-            items.push((parsed[i].hash(), parsed[i].deps().to_vec(), Held { batch: batch.clone(), index: i }));
+            let hash = parsed[i].hash();
+            items.push((hash, parsed[i].deps().to_vec(), frozen::held(states, hash, batch, i)));
         }
         let mut added: Vec<ChangeHash> = Vec::new();
         let mut new: Vec<Held> = Vec::new();
