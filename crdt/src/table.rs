@@ -1800,6 +1800,51 @@ mod tests {
     /// Job repair: each side names every change it holds and gets exactly those it lacks,
     /// from a live, a cold or a deferred document alike, in an order that applies; a node
     /// that holds nothing of the job gets all of it; once equal, nothing more is sent.
+    /// With shared states, a change held by two tables' deferrals is one copy of its bytes,
+    /// whichever batch brought it to each (a push, shared already, or a repair answer, one
+    /// per pair of nodes); without, each holds the batch it got.
+    #[test]
+    fn held_changes_share_their_bytes_across_tables_given_the_same_states() {
+        use crate::spec::JobSpec;
+        let header =
+            JobHeader { spec: JobSpec::command("sleep", ["1"]), submitted_by: "w".to_string(), submitted_at_ms: 0 };
+        let doc = DocId::Job("j".to_string());
+        let mut w = Table::new("w".to_string(), [1; 16]);
+        w.create_job("j", &header);
+        let created: Vec<Vec<u8>> = w.take_outbox().into_iter().map(|(_, c)| c).collect();
+        w.write_claim("j", 0, &Claim { attempt: 0, boot: 1, at_ms: 5 });
+        let claim: Vec<Vec<u8>> = w.take_outbox().into_iter().map(|(_, c)| c).collect();
+        for sharing in [true, false] {
+            let states = Arc::new(SharedStates::default());
+            let mut tables: Vec<Table> = (0..2u8)
+                .map(|i| {
+                    let mut t = Table::new(format!("n{i}"), [10 + i; 16]);
+                    if sharing {
+                        t.share_states(states.clone());
+                    }
+                    t.apply_changes(&doc, &created).expect("valid changes");
+                    t.take_persist_records();
+                    t.defer_job("j");
+                    t
+                })
+                .collect();
+            // The same change, in two batches with equal bytes (as a push and a repair).
+            let first: Arc<[Vec<u8>]> = Arc::from(claim.clone());
+            let second: Arc<[Vec<u8>]> = Arc::from(claim.clone());
+            assert!(tables[0].apply_shared_changes(&doc, &first).expect("valid changes"));
+            assert!(tables[1].apply_shared_changes(&doc, &second).expect("valid changes"));
+            let batch_of = |t: &Table| t.jobs["j"].deferred.as_ref().expect("deferred").pending[0].batch.clone();
+            let (a, b) = (batch_of(&tables[0]), batch_of(&tables[1]));
+            assert!(Arc::ptr_eq(&a, &first), "the first table holds the batch it got");
+            assert_eq!(Arc::ptr_eq(&a, &b), sharing, "one copy exactly when the states are shared");
+            for t in &mut tables {
+                t.materialize_job("j");
+            }
+            assert_eq!(tables[0].job("j"), tables[1].job("j"));
+            assert_eq!(tables[0].doc_hash(&doc), tables[1].doc_hash(&doc));
+        }
+    }
+
     #[test]
     fn job_repair_sends_exactly_the_changes_the_peer_lacks() {
         use crate::spec::JobSpec;
