@@ -102,6 +102,13 @@ impl Chunks {
         self.base.len() + self.tail.len()
     }
 
+    /// Appends change chunks.
+    pub fn append(&mut self, chunks: &[u8]) {
+        let mut tail = std::mem::take(&mut self.tail).into_vec();
+        tail.extend_from_slice(chunks);
+        self.tail = tail.into_boxed_slice();
+    }
+
     /// The bytes in one piece: borrowed when nothing was appended.
     pub fn joined(&self) -> std::borrow::Cow<'_, [u8]> {
         if self.tail.is_empty() {
@@ -277,6 +284,21 @@ pub(crate) fn held(states: Option<&SharedStates>, hash: ChangeHash, batch: &Arc<
         held.purge_at = (held.by_hash.len() * 2).max(1024);
     }
     own()
+}
+
+/// [`held`] for changes `indexes` of `batch`, as changes waiting for their dependencies.
+pub(crate) fn waiting(
+    states: Option<&SharedStates>,
+    parsed: &mut [automerge::Change],
+    batch: &Arc<[Vec<u8>]>,
+    indexes: &[usize],
+) -> Vec<crate::doc::Waiting> {
+    let mut out = Vec::with_capacity(indexes.len());
+    for &i in indexes {
+        let bytes = held(states, parsed[i].hash(), batch, i);
+        out.push(crate::doc::Waiting::new(&mut parsed[i], bytes));
+    }
+    out
 }
 
 /// Parsed changes kept at most, per [`SharedStates`] (see [`MAX_LIVE`] for the figures).

@@ -260,26 +260,11 @@ impl JobRecord {
 /// record); so would an embedder running several node cores. Sharing by text is a pure
 /// cache: the result is equal to a fresh parse, so no output depends on whether it hit.
 fn shared_header(json: &str) -> Option<Arc<JobHeader>> {
-    #[derive(Default)]
-    struct Headers {
-        by_text: HashMap<Box<str>, Weak<JobHeader>>,
-        purge_at: usize,
-    }
-    static HEADERS: OnceLock<Mutex<Headers>> = OnceLock::new();
+    static HEADERS: OnceLock<Mutex<WeakShare<JobHeader>>> = OnceLock::new();
     let parse = || serde_json::from_str::<JobHeader>(json).ok().map(Arc::new);
     // A poisoned lock (a panic elsewhere while holding it) only loses the sharing.
     let Ok(mut headers) = HEADERS.get_or_init(Mutex::default).lock() else { return parse() };
-    if let Some(shared) = headers.by_text.get(json).and_then(Weak::upgrade) {
-        return Some(shared);
-    }
-    let header = parse()?;
-    headers.by_text.insert(json.into(), Arc::downgrade(&header));
-    if headers.by_text.len() > headers.purge_at {
-        // Forget headers no record holds any more (jobs compacted away everywhere).
-        headers.by_text.retain(|_, h| h.strong_count() > 0);
-        headers.purge_at = (headers.by_text.len() * 2).max(1024);
-    }
-    Some(header)
+    headers.get_or_insert_with(json, parse)
 }
 
 /// One shared copy of a node id per process, for structures that name the same few nodes
@@ -287,25 +272,42 @@ fn shared_header(json: &str) -> Option<Arc<JobHeader>> {
 /// `String` per mention is about 88 bytes; a shared one 16. Like the shared job headers, pure:
 /// the value is the id itself, so no decision depends on whether it was shared.
 pub fn shared_node_id(id: &str) -> Arc<str> {
-    #[derive(Default)]
-    struct Ids {
-        by_text: HashMap<Box<str>, Weak<str>>,
-        purge_at: usize,
+    static IDS: OnceLock<Mutex<WeakShare<str>>> = OnceLock::new();
+    let make = || Some(Arc::<str>::from(id));
+    let shared = match IDS.get_or_init(Mutex::default).lock() {
+        Ok(mut ids) => ids.get_or_insert_with(id, make),
+        Err(_) => make(),
+    };
+    shared.unwrap_or_else(|| id.into())
+}
+
+/// Values shared by their text, held weakly: an entry lives while something holds its value
+/// (jobs compacted away everywhere, nodes gone from every job are forgotten).
+struct WeakShare<T: ?Sized> {
+    by_text: HashMap<Box<str>, Weak<T>>,
+    purge_at: usize,
+}
+
+impl<T: ?Sized> Default for WeakShare<T> {
+    fn default() -> Self {
+        WeakShare { by_text: HashMap::new(), purge_at: 0 }
     }
-    static IDS: OnceLock<Mutex<Ids>> = OnceLock::new();
-    // A poisoned lock (a panic elsewhere while holding it) only loses the sharing.
-    let Ok(mut ids) = IDS.get_or_init(Mutex::default).lock() else { return id.into() };
-    if let Some(shared) = ids.by_text.get(id).and_then(Weak::upgrade) {
-        return shared;
+}
+
+impl<T: ?Sized> WeakShare<T> {
+    /// The value shared for `text`, or the one `make` gives, shared from now on.
+    fn get_or_insert_with(&mut self, text: &str, make: impl FnOnce() -> Option<Arc<T>>) -> Option<Arc<T>> {
+        if let Some(shared) = self.by_text.get(text).and_then(Weak::upgrade) {
+            return Some(shared);
+        }
+        let value = make()?;
+        self.by_text.insert(text.into(), Arc::downgrade(&value));
+        if self.by_text.len() > self.purge_at {
+            self.by_text.retain(|_, v| v.strong_count() > 0);
+            self.purge_at = (self.by_text.len() * 2).max(1024);
+        }
+        Some(value)
     }
-    let shared: Arc<str> = id.into();
-    ids.by_text.insert(id.into(), Arc::downgrade(&shared));
-    if ids.by_text.len() > ids.purge_at {
-        // Forget ids nothing holds any more (nodes gone from every job).
-        ids.by_text.retain(|_, i| i.strong_count() > 0);
-        ids.purge_at = (ids.by_text.len() * 2).max(1024);
-    }
-    shared
 }
 
 impl NodeRecord {

@@ -74,37 +74,20 @@ struct Entry<R> {
 
 /// Cold bytes plus appended change chunks; see [`Entry::log`].
 struct Log {
-    /// Shared with the frozen state the document was loaded from.
-    base: Arc<[u8]>,
-    /// The chunks appended since.
-    tail: Vec<u8>,
+    /// The frozen state's bytes (its base shared) with the chunks applied since.
+    bytes: Chunks,
     appended: u32,
 }
 
 impl Log {
     /// The log of a frozen state, to append to.
     fn of<R>(state: &Frozen<R>) -> Log {
-        Log { base: state.bytes.base.clone(), tail: state.bytes.tail.to_vec(), appended: state.appends }
+        Log { bytes: state.bytes.clone(), appended: state.appends }
     }
 
     /// The log of a document new here.
     fn empty() -> Log {
-        Log { base: Arc::default(), tail: Vec::new(), appended: 0 }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.base.is_empty() && self.tail.is_empty()
-    }
-
-    fn into_chunks(self) -> Chunks {
-        Chunks { base: self.base, tail: self.tail.into_boxed_slice() }
-    }
-
-    fn joined(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.base.len() + self.tail.len());
-        out.extend_from_slice(&self.base);
-        out.extend_from_slice(&self.tail);
-        out
+        Log { bytes: Chunks::default(), appended: 0 }
     }
 }
 
@@ -213,10 +196,7 @@ impl<R: Default + Shared> Entry<R> {
             let mut hashes = doc.change_hashes();
             hashes.sort();
             let (bytes, appends) = match log {
-                Some(log) => {
-                    let appended = log.appended;
-                    (log.into_chunks(), appended)
-                }
+                Some(log) => (log.bytes, log.appended),
                 None => (Chunks::saved(doc.save()), 0),
             };
             let state = frozen::share(shared, Frozen::from_chunks(bytes, heads, hashes, appends, self.record.clone()));
@@ -347,7 +327,7 @@ impl<R: Default + Shared> Entry<R> {
             return;
         }
         let Some(applied) = doc.unsaved_chunks().and_then(|c| c.get(mark..)) else { return };
-        log.tail.extend_from_slice(applied);
+        log.bytes.append(applied);
         log.appended += 1;
         self.log = Some(log);
     }
@@ -946,14 +926,7 @@ impl Table {
                 }
                 Some(_) => return None,
             };
-            let wait = |parsed: &mut [automerge::Change]| -> Vec<Waiting> {
-                let mut out = Vec::with_capacity(plan.wait.len());
-                for &i in &plan.wait {
-                    let bytes = frozen::held(states, parsed[i].hash(), batch, i);
-                    out.push(Waiting::new(&mut parsed[i], bytes));
-                }
-                out
-            };
+            let wait = |parsed: &mut [automerge::Change]| frozen::waiting(states, parsed, batch, &plan.wait);
             if plan.new.is_empty() {
                 if !plan.wait.is_empty() {
                     let entry = map.entry(id.to_string()).or_insert_with(Entry::absent);
@@ -1015,8 +988,8 @@ impl Table {
     /// (or gone, if it was new here).
     fn rebuild_after_failed_apply(&mut self, doc_id: &DocId, base: &Log) {
         let actor = self.actor.clone();
-        let empty = base.is_empty();
-        let base = base.joined();
+        let empty = base.bytes.len() == 0;
+        let base = base.bytes.joined();
         match doc_id {
             DocId::Node(id) if empty => {
                 self.nodes.remove(id);
@@ -1206,7 +1179,7 @@ impl Table {
                 None => doc.apply_changes(parsed),
             };
             if let (Err(_), Some(l)) = (&outcome, &log) {
-                if let Ok(rebuilt) = Doc::load(&l.joined(), &actor) {
+                if let Ok(rebuilt) = Doc::load(&l.bytes.joined(), &actor) {
                     *doc = rebuilt;
                 }
             }
@@ -1218,7 +1191,7 @@ impl Table {
             entry.log = match log {
                 Some(mut log) if applied && log.appended < MAX_LOG_APPENDS => {
                     for bytes in &deferred.pending {
-                        log.tail.extend_from_slice(bytes);
+                        log.bytes.append(bytes);
                     }
                     log.appended += 1;
                     Some(log)
@@ -1243,11 +1216,7 @@ impl Table {
             let held = |h: &ChangeHash| deferred.known.binary_search(h).is_ok() || deferred.added.contains(h);
             frozen::plan_held(held, &deferred.heads, &deferred.waiting, parsed)
         };
-        let mut wait: Vec<Waiting> = Vec::with_capacity(plan.wait.len());
-        for &i in &plan.wait {
-            let bytes = frozen::held(states, parsed[i].hash(), batch, i);
-            wait.push(Waiting::new(&mut parsed[i], bytes));
-        }
+        let wait = frozen::waiting(states, parsed, batch, &plan.wait);
         if plan.new.is_empty() {
             push_waiting(&mut deferred.waiting, wait);
             return Some(false);

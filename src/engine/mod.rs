@@ -187,10 +187,9 @@ struct PendingSince {
     claimants: u32,
 }
 
-#[derive(Debug, Clone, Default, PartialEq)]
-///
 /// Node ids in it are shared (`shared_node_id`): each job names a few nodes, on every node,
 /// and a `String` per mention was about 500 bytes per job per node.
+#[derive(Debug, Clone, Default, PartialEq)]
 struct JobCache {
     status: Option<JobStatus>,
     instances: Vec<(InstanceStatus, Option<Arc<str>>)>,
