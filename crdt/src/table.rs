@@ -46,7 +46,10 @@ pub enum TableError {
 /// heads, instead of a live Automerge document (tens of KiB in memory); it is loaded again on
 /// the rare occasions it is written or synced, or on a change the memo has not seen.
 struct Entry<R> {
-    doc: Option<Doc>,
+    /// Boxed, like [`Entry::log`]: few documents are live at once, and a table holds every
+    /// entry in `BTreeMap` nodes of eleven, so an inline field costs every cold entry too
+    /// (at 1,000 simulated nodes, 208 bytes an entry made tree nodes the largest allocations).
+    doc: Option<Box<Doc>>,
     cold: Option<Arc<Frozen<R>>>,
     record: Arc<R>,
     hash: u64,
@@ -56,7 +59,7 @@ struct Entry<R> {
     /// changes: those bytes followed by the changes (Automerge loads a document chunk
     /// followed by change chunks). Freezing it again keeps these instead of encoding the
     /// whole document anew, which was the largest single cost of deferral at 1,000 nodes.
-    log: Option<Log>,
+    log: Option<Box<Log>>,
     /// While the document is cold or absent: the changes it holds that wait for their
     /// dependencies, in arrival order (a live document holds them itself; see
     /// [`Doc::take_waiting`]). They are not part of any state, so they are kept here beside it
@@ -132,7 +135,7 @@ fn concat(held: &[Held]) -> Vec<u8> {
 
 impl<R: Default + Shared> Entry<R> {
     fn new(actor: &ActorId) -> Entry<R> {
-        Entry { doc: Some(Doc::new(actor)), ..Entry::absent() }
+        Entry { doc: Some(Box::new(Doc::new(actor))), ..Entry::absent() }
     }
 
     /// An entry holding nothing yet (for a state taken from the memo).
@@ -160,7 +163,7 @@ impl<R: Default + Shared> Entry<R> {
             };
             doc.restore_waiting(std::mem::take(&mut self.waiting));
             self.cold = None;
-            self.doc = Some(doc);
+            self.doc = Some(Box::new(doc));
         }
         // INVARIANT: just ensured above.
         Ok(self.doc.as_mut().expect("document loaded"))
@@ -201,7 +204,7 @@ impl<R: Default + Shared> Entry<R> {
             };
             let state = frozen::share(shared, Frozen::from_chunks(bytes, heads, hashes, appends, self.record.clone()));
             // The next table to need this state live copies this document.
-            state.keep_live(doc);
+            state.keep_live(*doc);
             self.cold = Some(state);
         }
     }
@@ -308,7 +311,7 @@ impl<R: Default + Shared> Entry<R> {
     /// or the document does not track its unsaved chunks.
     fn take_live_log(&mut self) -> Option<(Log, usize)> {
         let mark = self.doc.as_ref()?.unsaved_chunks()?.len();
-        Some((self.log.take()?, mark))
+        Some((*self.log.take()?, mark))
     }
 
     /// After an apply to a live document whose log was taken with [`Entry::take_live_log`]:
@@ -320,7 +323,7 @@ impl<R: Default + Shared> Entry<R> {
         let Some(doc) = self.doc.as_mut() else { return };
         if !moved {
             // Nothing applied: the log describes the document still.
-            self.log = Some(log);
+            self.log = Some(Box::new(log));
             return;
         }
         if log.appended >= MAX_LOG_APPENDS || doc.has_queued_in_automerge() {
@@ -329,17 +332,17 @@ impl<R: Default + Shared> Entry<R> {
         let Some(applied) = doc.unsaved_chunks().and_then(|c| c.get(mark..)) else { return };
         log.bytes.append(applied);
         log.appended += 1;
-        self.log = Some(log);
+        self.log = Some(Box::new(log));
     }
 
     /// After an unguarded apply failed on the document loaded from `base`: the document as
     /// loaded, with the changes that were waiting in it (a failed apply leaves them as they
     /// were).
     fn reload(&mut self, base: &[u8], actor: &ActorId) {
-        let waiting = self.doc.as_mut().map(Doc::take_waiting).unwrap_or_default();
+        let waiting = self.doc.as_mut().map(|doc| doc.take_waiting()).unwrap_or_default();
         self.doc = Doc::load(base, actor).ok().map(|mut doc| {
             doc.restore_waiting(waiting);
-            doc
+            Box::new(doc)
         });
     }
 
@@ -1162,7 +1165,7 @@ impl Table {
                     Ok(mut doc) => {
                         // None while deferred (see `Entry::waiting`); given back all the same.
                         doc.restore_waiting(std::mem::take(&mut entry.waiting));
-                        entry.doc = Some(doc);
+                        entry.doc = Some(Box::new(doc));
                         log = Some(Log::of(&shared));
                     }
                     Err(_) => entry.cold = Some(shared),
@@ -1180,7 +1183,7 @@ impl Table {
             };
             if let (Err(_), Some(l)) = (&outcome, &log) {
                 if let Ok(rebuilt) = Doc::load(&l.bytes.joined(), &actor) {
-                    *doc = rebuilt;
+                    **doc = rebuilt;
                 }
             }
             let applied = outcome.is_ok() && doc.heads_hash() == heads_hash(&deferred.heads);
@@ -1194,7 +1197,7 @@ impl Table {
                         log.bytes.append(bytes);
                     }
                     log.appended += 1;
-                    Some(log)
+                    Some(Box::new(log))
                 }
                 _ => None,
             };
