@@ -104,8 +104,9 @@ const MAX_LOG_APPENDS: u32 = 2;
 /// Remote changes to a deferred document: held as bytes, counted in the digest, persisted,
 /// and applied in one batch when the document is next needed.
 struct Deferred {
-    /// Every change of the document's history when it was deferred, sorted (shared with its
-    /// frozen state when it was cold). With `added`, the changes held.
+    /// Every change of the document's history when it was deferred, or when the deferral was
+    /// last re-based (see [`Deferred::rebase`]), sorted (shared with its frozen state when it
+    /// was cold). With `added`, the changes held.
     known: Arc<[ChangeHash]>,
     /// Changes held since.
     added: Vec<ChangeHash>,
@@ -115,6 +116,9 @@ struct Deferred {
     pending: Vec<Held>,
     /// `pending[..persisted]` are already in a persist record.
     persisted: usize,
+    /// Changes held since the document was deferred, `pending` and those a re-base took in:
+    /// what the document's reader sees as held, however they are kept.
+    held: usize,
     /// Changes that wait for dependencies the deferral does not hold, in arrival order, as
     /// a live document keeps them ([`frozen::plan_held`] decides what waits, by the live
     /// document's rule). Never persisted, like a live document's; they go into the document
@@ -122,6 +126,33 @@ struct Deferred {
     /// before some change they depend on, and bringing the job up to date for each (load,
     /// apply, encode, in a state no other node reached) was most of a 1,000-node ring episode.
     waiting: Vec<Waiting>,
+}
+
+impl Deferred {
+    /// When another table of this process froze the state the held changes lead to (see
+    /// `frozen`), and all of them are on disk: holds that state instead, returned to become
+    /// the document's cold state, and no change bytes. The entry's record stays as it was
+    /// (a deferred document reads stale until materialized), and `held` still counts the
+    /// changes, so what the node sees and decides does not depend on whether another node
+    /// got there first.
+    ///
+    /// Every node receives a job's changes, and all but a few defer it: at 1,000 simulated
+    /// nodes the deferrals held 1.5 million documents' worth of change lists, about 600
+    /// bytes a node and a job, a fifth of the simulator's heap, for states one copy of
+    /// which existed already.
+    fn rebase(&mut self, states: Option<&SharedStates>) -> Option<Arc<Frozen<JobRecord>>> {
+        if self.pending.is_empty() || self.persisted < self.pending.len() {
+            return None;
+        }
+        let mut heads = self.heads.clone();
+        heads.sort();
+        let state = frozen::lookup::<JobRecord>(states, &heads)?;
+        self.known = state.hashes.clone();
+        self.added = Vec::new();
+        self.pending = Vec::new();
+        self.persisted = 0;
+        Some(state)
+    }
 }
 
 /// The bytes of `held`, one after another (raw change chunks load like an incremental save).
@@ -845,7 +876,7 @@ impl Table {
         let prior = match doc_id {
             DocId::Job(id) => match self.jobs.get(id) {
                 None => Some(Log::empty()),
-                Some(e) if e.deferred.as_ref().is_none_or(|d| d.pending.is_empty()) => e.log_base(),
+                Some(e) if e.deferred.as_ref().is_none_or(|d| d.held == 0) => e.log_base(),
                 Some(_) => None,
             },
             DocId::Node(id) => self.nodes.get(id).map_or(Some(Log::empty()), Entry::log_base),
@@ -1064,7 +1095,8 @@ impl Table {
         if let Some(doc) = entry.doc.as_mut() {
             waiting.extend(doc.take_waiting());
         }
-        let deferred = Deferred { known, added: Vec::new(), heads, pending: Vec::new(), persisted: 0, waiting };
+        let deferred =
+            Deferred { known, added: Vec::new(), heads, pending: Vec::new(), persisted: 0, held: 0, waiting };
         entry.deferred = Some(Box::new(deferred));
     }
 
@@ -1072,9 +1104,12 @@ impl Table {
     /// copy: reads do not disturb the deferral). [`Table::job`] is the applied record only.
     pub fn job_current(&self, id: &str) -> Option<Cow<'_, JobRecord>> {
         let entry = self.jobs.get(id)?;
-        let Some(deferred) = entry.deferred.as_ref().filter(|d| !d.pending.is_empty()) else {
+        let Some(deferred) = entry.deferred.as_ref().filter(|d| d.held > 0) else {
             return Some(Cow::Borrowed(&*entry.record));
         };
+        if let (true, None, Some(f)) = (deferred.pending.is_empty(), &entry.doc, &entry.cold) {
+            return Some(Cow::Borrowed(&*f.record)); // re-based onto the state it leads to
+        }
         let mut doc = match (&entry.doc, &entry.cold) {
             (Some(doc), _) => doc.copy(&self.actor),
             (None, Some(f)) => f.load(&self.actor).ok()?,
@@ -1108,7 +1143,7 @@ impl Table {
 
     /// How many changes a deferred job holds, not yet applied.
     pub fn held_changes(&self, job: &str) -> usize {
-        self.jobs.get(job).and_then(|e| e.deferred.as_ref()).map_or(0, |d| d.pending.len())
+        self.jobs.get(job).and_then(|e| e.deferred.as_ref()).map_or(0, |d| d.held)
     }
 
     /// Deferred jobs holding changes not yet applied.
@@ -1131,6 +1166,13 @@ impl Table {
             }
         }
         if deferred.pending.is_empty() {
+            // Re-based (see `Deferred::rebase`): the cold state is the result already.
+            if let (true, None, Some(f)) = (deferred.held > 0, &entry.doc, &entry.cold) {
+                entry.record = f.record.clone();
+                if notify {
+                    self.changed.insert(DocId::Job(job.to_string()));
+                }
+            }
             return;
         }
         let actor = self.actor.clone();
@@ -1265,7 +1307,8 @@ impl Table {
         let heads = plan.heads;
         // A job is in `deferred_pending` exactly while its deferral holds changes: only the
         // first held change adds it (a B-tree insert per push was 5% of a 1,000-node run).
-        let first = deferred.pending.is_empty();
+        let first = deferred.held == 0;
+        deferred.held += added.len();
         deferred.added.extend(added);
         deferred.pending.extend(new);
         let doc_id = DocId::Job(job.to_string());
@@ -1513,6 +1556,12 @@ impl Table {
                         }
                     }
                     entry.freeze(self.shared.as_deref());
+                    if let (Some(deferred), None) = (entry.deferred.as_mut(), &entry.doc) {
+                        if let Some(state) = deferred.rebase(self.shared.as_deref()) {
+                            entry.cold = Some(state);
+                            entry.log = None;
+                        }
+                    }
                 }
             }
             // Other nodes' documents go cold as soon as they are on disk (see
@@ -1930,6 +1979,77 @@ mod tests {
         restored.restore(None, &records).expect("its own records restore");
         assert_eq!(restored.digest(), writer.digest());
         assert_eq!(restored.job("j"), writer.job("j"));
+    }
+
+    /// A deferral whose held changes lead to a state another table froze holds that state
+    /// instead of the changes once they are on disk, and nothing a reader sees changes: the
+    /// count of held changes, the stale record, the current record, the digest, what it
+    /// serves a peer and what it restores from are those of a deferral that kept the bytes.
+    #[test]
+    fn a_deferral_rebases_onto_a_state_another_table_froze() {
+        use crate::spec::JobSpec;
+        let header =
+            JobHeader { spec: JobSpec::command("sleep", ["1"]), submitted_by: "w".to_string(), submitted_at_ms: 0 };
+        let doc = DocId::Job("j".to_string());
+        let mut w = Table::new("w".to_string(), [1; 16]);
+        let step = |w: &mut Table, index: u32| -> Vec<Vec<u8>> {
+            w.write_claim("j", index, &Claim { attempt: 0, boot: 1, at_ms: u64::from(index) });
+            w.take_outbox().into_iter().map(|(_, c)| c).collect()
+        };
+        w.create_job("j", &header);
+        let created: Vec<Vec<u8>> = w.take_outbox().into_iter().map(|(_, c)| c).collect();
+        let (first, second) = (step(&mut w, 0), step(&mut w, 1));
+        let states = Arc::new(SharedStates::default());
+        let mut tables: Vec<(Table, Vec<Vec<u8>>)> = (0..3u8)
+            .map(|i| {
+                let mut t = Table::new(format!("n{i}"), [10 + i; 16]);
+                if i < 2 {
+                    t.share_states(states.clone());
+                }
+                t.apply_changes(&doc, &created).expect("valid changes");
+                let records = t.take_persist_records();
+                t.defer_job("j");
+                (t, records)
+            })
+            .collect();
+        // The first table brings the job up to date and freezes it: that state is shared.
+        let (a, _) = &mut tables[0];
+        a.apply_changes(&doc, &first).expect("valid changes");
+        a.materialize_job("j");
+        a.take_persist_records();
+        a.freeze_job("j");
+        let stale = tables[2].0.job("j").cloned();
+        for (t, records) in &mut tables[1..] {
+            assert!(t.apply_changes(&doc, &first).expect("valid changes"));
+            records.extend(t.take_persist_records());
+        }
+        let deferral = |t: &Table| t.jobs["j"].deferred.as_ref().map(|d| d.pending.len()).expect("still deferred");
+        assert_eq!(deferral(&tables[1].0), 0, "re-based: no change bytes held");
+        assert_eq!(deferral(&tables[2].0), 1, "nothing shared: the bytes are held");
+        for (t, _) in &tables[1..] {
+            assert_eq!(t.held_changes("j"), 1);
+            assert!(t.holds_changes("j"));
+            assert_eq!(t.job("j").cloned(), stale, "reads stale until brought up to date");
+            assert_eq!(t.job_current("j").map(Cow::into_owned), tables[0].0.job("j").cloned());
+            assert_eq!(t.digest(), tables[0].0.digest());
+        }
+        // A later change is held on top of the shared state.
+        for (t, records) in &mut tables[1..] {
+            assert!(t.apply_changes(&doc, &second).expect("valid changes"));
+            records.extend(t.take_persist_records());
+            assert_eq!(t.held_changes("j"), 2);
+        }
+        assert_eq!(deferral(&tables[1].0), 1);
+        let served: Vec<usize> = tables[1..].iter_mut().map(|(t, _)| t.job_changes_missing("j", &[]).len()).collect();
+        assert_eq!(served, [3, 3], "the whole history, whichever way it is held");
+        for (t, records) in &mut tables[1..] {
+            t.materialize_job("j");
+            assert_eq!(t.job("j"), w.job("j"));
+            assert_eq!(t.digest(), w.digest());
+            let mut restored = Table::new("r".to_string(), [9; 16]);
+            restored.restore(None, records).expect("its own records restore");
+            assert_eq!(restored.job("j"), w.job("j"));
+        }
     }
 
     fn clone_record(r: &PersistRecord) -> PersistRecord {
