@@ -260,6 +260,9 @@ type WeakHeld = (Weak<[Vec<u8>]>, usize);
 struct HeldIndex {
     by_hash: HashMap<ChangeHash, WeakHeld>,
     purge_at: usize,
+    /// Changes waiting for their dependencies, by hash (see [`waiting`]).
+    waiting: HashMap<ChangeHash, Weak<crate::doc::WaitingData>>,
+    waiting_purge_at: usize,
 }
 
 /// Change `index` of `batch` (whose hash is `hash`), to hold beside a document: with shared
@@ -286,7 +289,9 @@ pub(crate) fn held(states: Option<&SharedStates>, hash: ChangeHash, batch: &Arc<
     own()
 }
 
-/// [`held`] for changes `indexes` of `batch`, as changes waiting for their dependencies.
+/// [`held`] for changes `indexes` of `batch`, as changes waiting for their dependencies:
+/// with shared states, the waiting change some table of the process holds already, if any
+/// (its hash, dependencies and bytes are the same: it changes no decision).
 pub(crate) fn waiting(
     states: Option<&SharedStates>,
     parsed: &mut [automerge::Change],
@@ -295,8 +300,24 @@ pub(crate) fn waiting(
 ) -> Vec<crate::doc::Waiting> {
     let mut out = Vec::with_capacity(indexes.len());
     for &i in indexes {
-        let bytes = held(states, parsed[i].hash(), batch, i);
-        out.push(crate::doc::Waiting::new(&mut parsed[i], bytes));
+        let hash = parsed[i].hash();
+        let known = states.and_then(|s| {
+            let index = s.held.lock().ok()?;
+            index.waiting.get(&hash).and_then(crate::doc::Waiting::upgrade)
+        });
+        if let Some(w) = known {
+            out.push(w);
+            continue;
+        }
+        let w = crate::doc::Waiting::new(&mut parsed[i], held(states, hash, batch, i));
+        if let Some(mut index) = states.and_then(|s| s.held.lock().ok()) {
+            index.waiting.insert(hash, w.downgrade());
+            if index.waiting.len() > index.waiting_purge_at {
+                index.waiting.retain(|_, w| w.strong_count() > 0);
+                index.waiting_purge_at = (index.waiting.len() * 2).max(1024);
+            }
+        }
+        out.push(w);
     }
     out
 }

@@ -1866,6 +1866,44 @@ mod tests {
         }
     }
 
+    /// A change that waits for its dependencies is one copy across tables that share states,
+    /// whichever batch brought it to each; each table's own otherwise. Once the dependency
+    /// arrives it applies in each alike.
+    #[test]
+    fn waiting_changes_are_one_copy_across_tables_given_the_same_states() {
+        use crate::spec::JobSpec;
+        let header =
+            JobHeader { spec: JobSpec::command("sleep", ["1"]), submitted_by: "w".to_string(), submitted_at_ms: 0 };
+        let doc = DocId::Job("j".to_string());
+        let mut w = Table::new("w".to_string(), [1; 16]);
+        w.create_job("j", &header);
+        let created: Arc<[Vec<u8>]> = w.take_outbox().into_iter().map(|(_, c)| c).collect();
+        w.write_claim("j", 0, &Claim { attempt: 0, boot: 1, at_ms: 5 });
+        let claim: Vec<Vec<u8>> = w.take_outbox().into_iter().map(|(_, c)| c).collect();
+        for sharing in [true, false] {
+            let states = Arc::new(SharedStates::default());
+            let mut tables: Vec<Table> = (0..2u8)
+                .map(|i| {
+                    let mut t = Table::new(format!("n{i}"), [10 + i; 16]);
+                    if sharing {
+                        t.share_states(states.clone());
+                    }
+                    // The claim before the job's creation, in a batch of its own per table.
+                    let batch: Arc<[Vec<u8>]> = Arc::from(claim.clone());
+                    assert!(!t.apply_shared_changes(&doc, &batch).expect("valid changes"), "it waits");
+                    t
+                })
+                .collect();
+            let (a, b) = (&tables[0].jobs["j"].waiting, &tables[1].jobs["j"].waiting);
+            assert_eq!((a.len(), b.len()), (1, 1));
+            assert_eq!(a[0].is_same(&b[0]), sharing, "one copy exactly when the states are shared");
+            for t in &mut tables {
+                assert!(t.apply_shared_changes(&doc, &created).expect("valid changes"));
+                assert_eq!(t.job("j"), w.job("j"), "the waiting claim applied with its dependency");
+            }
+        }
+    }
+
     #[test]
     fn job_repair_sends_exactly_the_changes_the_peer_lacks() {
         use crate::spec::JobSpec;
