@@ -141,9 +141,16 @@ impl Waiting {
         Arc::ptr_eq(&self.0, &other.0)
     }
 
-    /// Its bytes, as held.
-    pub fn into_held(self) -> Held {
-        self.0.bytes.clone()
+    /// The batch its bytes are in (tests of sharing).
+    #[cfg(test)]
+    pub fn batch(&self) -> &Arc<[Vec<u8>]> {
+        &self.0.bytes.batch
+    }
+}
+
+impl AsRef<[u8]> for Waiting {
+    fn as_ref(&self) -> &[u8] {
+        self.bytes()
     }
 }
 

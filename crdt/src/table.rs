@@ -13,7 +13,7 @@
 //! A job's history lives and dies with the job: compaction drops the whole document, and a
 //! bounded tombstone list keeps peers from handing it back. See ARCHITECTURE.md.
 
-use crate::doc::{heads_hash, push_waiting, Doc, DocError, Held, SyncState, Waiting};
+use crate::doc::{heads_hash, push_waiting, Doc, DocError, SyncState, Waiting};
 use crate::frozen::{self, Chunks, Frozen, Shared, SharedStates};
 use crate::hash::{mix64, stable_hash};
 use crate::records::{
@@ -108,12 +108,11 @@ struct Deferred {
     /// last re-based (see [`Deferred::rebase`]), sorted (shared with its frozen state when it
     /// was cold). With `added`, the changes held.
     known: Arc<[ChangeHash]>,
-    /// Changes held since.
-    added: Vec<ChangeHash>,
     /// The heads the document will have once `pending` is applied.
     heads: Vec<ChangeHash>,
-    /// Change bytes in causal order.
-    pending: Vec<Held>,
+    /// The changes held since (hash, dependencies and bytes, each shared by every table
+    /// holding it; see [`frozen::waiting`]), in causal order. With `known`, the changes held.
+    pending: Vec<Waiting>,
     /// `pending[..persisted]` are already in a persist record.
     persisted: usize,
     /// Changes held since the document was deferred, `pending` and those a re-base took in:
@@ -148,7 +147,6 @@ impl Deferred {
         heads.sort();
         let state = frozen::lookup::<JobRecord>(states, &heads)?;
         self.known = state.hashes.clone();
-        self.added = Vec::new();
         self.pending = Vec::new();
         self.persisted = 0;
         Some(state)
@@ -156,10 +154,10 @@ impl Deferred {
 }
 
 /// The bytes of `held`, one after another (raw change chunks load like an incremental save).
-fn concat(held: &[Held]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(held.iter().map(|h| h.len()).sum());
+fn concat(held: &[Waiting]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(held.iter().map(|h| h.bytes().len()).sum());
     for h in held {
-        out.extend_from_slice(h);
+        out.extend_from_slice(h.bytes());
     }
     out
 }
@@ -263,7 +261,8 @@ impl<R: Default + Shared> Entry<R> {
     fn held_hashes(&mut self) -> Vec<ChangeHash> {
         match (&self.deferred, &mut self.doc, &self.cold) {
             (Some(d), _, _) => {
-                let mut all: Vec<ChangeHash> = d.known.iter().chain(&d.added).copied().collect();
+                let mut all: Vec<ChangeHash> =
+                    d.known.iter().copied().chain(d.pending.iter().map(Waiting::hash)).collect();
                 all.sort();
                 all.dedup();
                 all
@@ -286,9 +285,9 @@ impl<R: Default + Shared> Entry<R> {
         let mut held: Vec<Vec<u8>> = Vec::new();
         let mut base_missing = missing.len();
         if let Some(d) = &self.deferred {
-            for (hash, bytes) in d.added.iter().zip(&d.pending) {
-                if missing.contains(hash) {
-                    held.push(bytes.to_vec());
+            for w in &d.pending {
+                if missing.contains(&w.hash()) {
+                    held.push(w.bytes().to_vec());
                     base_missing -= 1;
                 }
             }
@@ -1095,8 +1094,7 @@ impl Table {
         if let Some(doc) = entry.doc.as_mut() {
             waiting.extend(doc.take_waiting());
         }
-        let deferred =
-            Deferred { known, added: Vec::new(), heads, pending: Vec::new(), persisted: 0, held: 0, waiting };
+        let deferred = Deferred { known, heads, pending: Vec::new(), persisted: 0, held: 0, waiting };
         entry.deferred = Some(Box::new(deferred));
     }
 
@@ -1235,8 +1233,8 @@ impl Table {
             }
             entry.log = match log {
                 Some(mut log) if applied && log.appended < MAX_LOG_APPENDS => {
-                    for bytes in &deferred.pending {
-                        log.bytes.append(bytes);
+                    for w in &deferred.pending {
+                        log.bytes.append(w.bytes());
                     }
                     log.appended += 1;
                     Some(Box::new(log))
@@ -1257,8 +1255,9 @@ impl Table {
         let states = self.shared.as_deref();
         let entry = self.jobs.get_mut(job)?;
         let deferred = entry.deferred.as_mut()?;
+        let holds = |pending: &[Waiting], h: &ChangeHash| pending.iter().any(|w| w.hash() == *h);
         let plan = {
-            let held = |h: &ChangeHash| deferred.known.binary_search(h).is_ok() || deferred.added.contains(h);
+            let held = |h: &ChangeHash| deferred.known.binary_search(h).is_ok() || holds(&deferred.pending, h);
             frozen::plan_held(held, &deferred.heads, &deferred.waiting, parsed)
         };
         let wait = frozen::waiting(states, parsed, batch, &plan.wait);
@@ -1267,40 +1266,28 @@ impl Table {
             return Some(false);
         }
         // In causal order: the changes unlocked and the new ones, each after what it depends on.
-        let mut items: Vec<(ChangeHash, Vec<ChangeHash>, Held)> = Vec::new();
-        let (unlocked, still): (Vec<Waiting>, Vec<Waiting>) =
+        let (mut items, still): (Vec<Waiting>, Vec<Waiting>) =
             std::mem::take(&mut deferred.waiting).into_iter().partition(|w| plan.unlocked.contains(&w.hash()));
         deferred.waiting = still;
-        for w in unlocked {
-            items.push((w.hash(), frozen::WaitingChange::deps(&w).to_vec(), w.into_held()));
-        }
-        for &i in &plan.new {
-            let hash = parsed[i].hash();
-            items.push((hash, parsed[i].deps().to_vec(), frozen::held(states, hash, batch, i)));
-        }
-        let mut added: Vec<ChangeHash> = Vec::new();
-        let mut new: Vec<Held> = Vec::new();
+        items.extend(frozen::waiting(states, parsed, batch, &plan.new));
+        let mut new: Vec<Waiting> = Vec::new();
         while !items.is_empty() {
             let before = items.len();
             let mut rest = Vec::new();
-            for (hash, deps, held) in items {
-                let ready = deps.iter().all(|d| {
-                    deferred.known.binary_search(d).is_ok() || deferred.added.contains(d) || added.contains(d)
-                });
+            for w in items {
+                let ready = frozen::WaitingChange::deps(&w)
+                    .iter()
+                    .all(|d| deferred.known.binary_search(d).is_ok() || holds(&deferred.pending, d) || holds(&new, d));
                 if ready {
-                    added.push(hash);
-                    new.push(held);
+                    new.push(w);
                 } else {
-                    rest.push((hash, deps, held));
+                    rest.push(w);
                 }
             }
             items = rest;
             if items.len() == before {
                 // Unreachable: the plan's changes form a ready set. Kept in arrival order.
-                for (hash, _, held) in items.drain(..) {
-                    added.push(hash);
-                    new.push(held);
-                }
+                new.append(&mut items);
             }
         }
         push_waiting(&mut deferred.waiting, wait);
@@ -1308,8 +1295,7 @@ impl Table {
         // A job is in `deferred_pending` exactly while its deferral holds changes: only the
         // first held change adds it (a B-tree insert per push was 5% of a 1,000-node run).
         let first = deferred.held == 0;
-        deferred.held += added.len();
-        deferred.added.extend(added);
+        deferred.held += new.len();
         deferred.pending.extend(new);
         let doc_id = DocId::Job(job.to_string());
         let old = entry.hash;
@@ -1588,11 +1574,11 @@ impl Table {
                 |hs: &[ChangeHash]| hs.iter().map(|h| format!("{:02x}{:02x}", h.0[0], h.0[1])).collect::<Vec<_>>();
             let deferred = e.deferred.as_ref().map(|d| {
                 format!(
-                    "deferred(heads {:?} known {} added {} pending {} persisted {} waiting {:?})",
+                    "deferred(heads {:?} known {} pending {} held {} persisted {} waiting {:?})",
                     short(&d.heads),
                     d.known.len(),
-                    d.added.len(),
                     d.pending.len(),
+                    d.held,
                     d.persisted,
                     d.waiting.iter().map(|w| short(&[w.hash()])).collect::<Vec<_>>()
                 )
@@ -1650,7 +1636,7 @@ impl Table {
     /// it copies every document, so it is slow).
     pub fn measure_snapshot_len(&self) -> usize {
         fn len<R>(e: &Entry<R>) -> usize {
-            let held = e.deferred.as_ref().map_or(0, |d| d.pending.iter().map(|h| h.len()).sum());
+            let held = e.deferred.as_ref().map_or(0, |d| d.pending.iter().map(|h| h.bytes().len()).sum());
             held + match (&e.doc, &e.cold) {
                 (Some(doc), _) => doc.save_copy_len(),
                 (None, Some(f)) => f.bytes.len(),
@@ -1854,7 +1840,7 @@ mod tests {
             let second: Arc<[Vec<u8>]> = Arc::from(claim.clone());
             assert!(tables[0].apply_shared_changes(&doc, &first).expect("valid changes"));
             assert!(tables[1].apply_shared_changes(&doc, &second).expect("valid changes"));
-            let batch_of = |t: &Table| t.jobs["j"].deferred.as_ref().expect("deferred").pending[0].batch.clone();
+            let batch_of = |t: &Table| t.jobs["j"].deferred.as_ref().expect("deferred").pending[0].batch().clone();
             let (a, b) = (batch_of(&tables[0]), batch_of(&tables[1]));
             assert!(Arc::ptr_eq(&a, &first), "the first table holds the batch it got");
             assert_eq!(Arc::ptr_eq(&a, &b), sharing, "one copy exactly when the states are shared");
