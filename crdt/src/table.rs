@@ -1048,7 +1048,7 @@ impl Table {
     /// Defers a job's document: until it is next needed, remote changes to it are held as
     /// bytes instead of applied. They count in the digest at once (from each change's hash
     /// and dependencies, no apply), are persisted, and are applied in one batch by
-    /// [`Table::materialize_job`], a local write, a sync round, or a snapshot.
+    /// [`Table::materialize_job`], a local write or a sync round (a snapshot writes them as held).
     ///
     /// A node defers the jobs it has no part in: of the about seven changes a job makes, an
     /// uninvolved node would otherwise apply each on arrival (about 40 µs each, plus the
@@ -1613,15 +1613,25 @@ impl Table {
     /// tables (the simulator's disks) can share them; [`SnapshotRecords::to_bytes`] is the
     /// single-blob form.
     pub fn snapshot_records(&mut self) -> SnapshotRecords {
-        self.materialize_all();
         let mut records = Vec::with_capacity(self.nodes.len() + self.jobs.len() + self.tombstone_order.len());
         // A document with no history (hash 0: only changes waiting for their dependencies,
         // which are never persisted) restores to nothing: it is left out, however it is held.
         for (id, e) in self.nodes.iter_mut().filter(|(_, e)| e.hash != 0) {
             records.push(encode(&PersistRecord::Doc { doc: DocId::Node(id.clone()), bytes: e.save() }));
         }
+        // A deferred document is written as it is held, its bytes followed by the held
+        // changes' chunks (they load like an incremental save), not brought up to date: a
+        // snapshot is storage and must not change what the node sees (bringing jobs up to
+        // date reports them changed, and the engine acts on them), and after a 1,000-node
+        // heal every node snapshotting brought every job it held up to date, each in a state
+        // of its own.
         for (id, e) in self.jobs.iter_mut().filter(|(_, e)| e.hash != 0) {
-            records.push(encode(&PersistRecord::Doc { doc: DocId::Job(id.clone()), bytes: e.save() }));
+            let mut bytes = e.save();
+            if let Some(d) = e.deferred.as_mut() {
+                bytes.extend(concat(&d.pending));
+                d.persisted = d.pending.len();
+            }
+            records.push(encode(&PersistRecord::Doc { doc: DocId::Job(id.clone()), bytes }));
         }
         for (at_ms, job) in &self.tombstone_order {
             records.push(encode(&PersistRecord::Compacted { job: job.clone(), at_ms: *at_ms }));
@@ -1888,6 +1898,38 @@ mod tests {
                 assert_eq!(t.job("j"), w.job("j"), "the waiting claim applied with its dependency");
             }
         }
+    }
+
+    /// A snapshot writes a deferred job as held (its bytes, then the held changes), without
+    /// bringing it up to date: the node sees nothing change, nothing is persisted twice, and
+    /// the snapshot restores the job with its held changes.
+    #[test]
+    fn a_snapshot_writes_deferred_changes_as_held() {
+        use crate::spec::JobSpec;
+        let header =
+            JobHeader { spec: JobSpec::command("sleep", ["1"]), submitted_by: "w".to_string(), submitted_at_ms: 0 };
+        let doc = DocId::Job("j".to_string());
+        let mut w = Table::new("w".to_string(), [1; 16]);
+        w.create_job("j", &header);
+        let created: Vec<Vec<u8>> = w.take_outbox().into_iter().map(|(_, c)| c).collect();
+        w.write_claim("j", 0, &Claim { attempt: 0, boot: 1, at_ms: 5 });
+        let claim: Vec<Vec<u8>> = w.take_outbox().into_iter().map(|(_, c)| c).collect();
+        let mut r = Table::new("r".to_string(), [2; 16]);
+        r.apply_changes(&doc, &created).expect("valid changes");
+        r.take_persist_records();
+        r.defer_job("j");
+        assert!(r.apply_changes(&doc, &claim).expect("valid changes"));
+        r.take_changed();
+        let stale = r.job("j").cloned();
+        let snapshot = r.snapshot();
+        assert_eq!(r.held_changes("j"), 1, "still held");
+        assert_eq!(r.job("j").cloned(), stale, "still reads stale");
+        assert!(r.take_changed().is_empty(), "nothing reported changed");
+        assert!(r.take_persist_records().is_empty(), "the snapshot holds the held change");
+        let mut restored = Table::new("r".to_string(), [2; 16]);
+        restored.restore(Some(&snapshot), &[]).expect("its snapshot restores");
+        assert_eq!(restored.job("j"), w.job("j"));
+        assert_eq!(restored.digest(), w.digest());
     }
 
     #[test]
