@@ -106,7 +106,7 @@ const MAX_LOG_APPENDS: u32 = 2;
 struct Deferred {
     /// Every change of the document's history when it was deferred, or when the deferral was
     /// last re-based (see [`Deferred::rebase`]), sorted (shared with its frozen state when it
-    /// was cold). With `added`, the changes held.
+    /// was cold). With `pending`, the changes held.
     known: Arc<[ChangeHash]>,
     /// The heads the document will have once `pending` is applied.
     heads: Vec<ChangeHash>,
@@ -1930,6 +1930,13 @@ mod tests {
         restored.restore(Some(&snapshot), &[]).expect("its snapshot restores");
         assert_eq!(restored.job("j"), w.job("j"));
         assert_eq!(restored.digest(), w.digest());
+        // The next change is persisted on its own: the held one is not written again.
+        w.write_claim("j", 1, &Claim { attempt: 0, boot: 1, at_ms: 6 });
+        let next: Vec<Vec<u8>> = w.take_outbox().into_iter().map(|(_, c)| c).collect();
+        assert!(r.apply_changes(&doc, &next).expect("valid changes"));
+        let written: Vec<PersistRecord> =
+            r.take_persist_records().iter().map(|b| postcard::from_bytes(b).expect("a record")).collect();
+        assert!(matches!(&written[..], [PersistRecord::Doc { bytes, .. }] if *bytes == next[0]), "only the new change");
     }
 
     #[test]
@@ -2066,10 +2073,11 @@ mod tests {
         let created: Vec<Vec<u8>> = w.take_outbox().into_iter().map(|(_, c)| c).collect();
         let (first, second) = (step(&mut w, 0), step(&mut w, 1));
         let states = Arc::new(SharedStates::default());
-        let mut tables: Vec<(Table, Vec<Vec<u8>>)> = (0..3u8)
+        // 0 freezes the state; 1 and 3 share states with it, 2 does not.
+        let mut tables: Vec<(Table, Vec<Vec<u8>>)> = (0..4u8)
             .map(|i| {
                 let mut t = Table::new(format!("n{i}"), [10 + i; 16]);
-                if i < 2 {
+                if i != 2 {
                     t.share_states(states.clone());
                 }
                 t.apply_changes(&doc, &created).expect("valid changes");
@@ -2091,7 +2099,18 @@ mod tests {
         }
         let deferral = |t: &Table| t.jobs["j"].deferred.as_ref().map(|d| d.pending.len()).expect("still deferred");
         assert_eq!(deferral(&tables[1].0), 0, "re-based: no change bytes held");
+        assert_eq!(deferral(&tables[3].0), 0, "re-based: no change bytes held");
         assert_eq!(deferral(&tables[2].0), 1, "nothing shared: the bytes are held");
+        // Brought up to date with nothing but the shared state: the job reads current and
+        // is reported changed, as applying the held change would.
+        let frozen = tables[0].0.job("j").cloned();
+        let (c, _) = &mut tables[3];
+        c.take_changed();
+        c.materialize_all();
+        assert!(c.take_changed().contains(&doc));
+        assert_eq!(c.job("j").cloned(), frozen);
+        assert_eq!((c.held_changes("j"), c.holds_changes("j")), (0, false));
+        tables.pop();
         for (t, _) in &tables[1..] {
             assert_eq!(t.held_changes("j"), 1);
             assert!(t.holds_changes("j"));
@@ -2104,10 +2123,16 @@ mod tests {
             assert!(t.apply_changes(&doc, &second).expect("valid changes"));
             records.extend(t.take_persist_records());
             assert_eq!(t.held_changes("j"), 2);
+            assert_eq!(t.job_current("j").map(Cow::into_owned).as_ref(), w.job("j"));
         }
         assert_eq!(deferral(&tables[1].0), 1);
-        let served: Vec<usize> = tables[1..].iter_mut().map(|(t, _)| t.job_changes_missing("j", &[]).len()).collect();
-        assert_eq!(served, [3, 3], "the whole history, whichever way it is held");
+        let mut served: Vec<Vec<Vec<u8>>> =
+            tables[1..].iter_mut().map(|(t, _)| t.job_changes_missing("j", &[])).collect();
+        for s in &mut served {
+            s.sort();
+        }
+        assert_eq!(served[0].len(), 3, "the whole history");
+        assert_eq!(served[0], served[1], "the same changes, whichever way they are held");
         for (t, records) in &mut tables[1..] {
             t.materialize_job("j");
             assert_eq!(t.job("j"), w.job("j"));
