@@ -1619,19 +1619,23 @@ impl Table {
         for (id, e) in self.nodes.iter_mut().filter(|(_, e)| e.hash != 0) {
             records.push(encode(&PersistRecord::Doc { doc: DocId::Node(id.clone()), bytes: e.save() }));
         }
-        // A deferred document is written as it is held, its bytes followed by the held
-        // changes' chunks (they load like an incremental save), not brought up to date: a
-        // snapshot is storage and must not change what the node sees (bringing jobs up to
-        // date reports them changed, and the engine acts on them), and after a 1,000-node
-        // heal every node snapshotting brought every job it held up to date, each in a state
-        // of its own.
+        // A deferred document is written as it is held: its bytes, then one record per held
+        // change (raw change chunks load like an incremental save). It is not brought up to
+        // date: a snapshot is storage and must not change what the node sees (bringing jobs
+        // up to date reports them changed, and the engine acts on them), and after a
+        // 1,000-node heal every node snapshotting brought every job it held up to date, each
+        // in a state of its own. Records of their own, because the bytes of a shared state and
+        // of a change are the same on every node that holds them, where their concatenation
+        // is one node's: the simulator's disks share equal records.
         for (id, e) in self.jobs.iter_mut().filter(|(_, e)| e.hash != 0) {
-            let mut bytes = e.save();
+            let doc = DocId::Job(id.clone());
+            records.push(encode(&PersistRecord::Doc { doc: doc.clone(), bytes: e.save() }));
             if let Some(d) = e.deferred.as_mut() {
-                bytes.extend(concat(&d.pending));
+                for w in &d.pending {
+                    records.push(encode(&PersistRecord::Doc { doc: doc.clone(), bytes: w.bytes().to_vec() }));
+                }
                 d.persisted = d.pending.len();
             }
-            records.push(encode(&PersistRecord::Doc { doc: DocId::Job(id.clone()), bytes }));
         }
         for (at_ms, job) in &self.tombstone_order {
             records.push(encode(&PersistRecord::Compacted { job: job.clone(), at_ms: *at_ms }));
@@ -1640,6 +1644,14 @@ impl Table {
         self.compacted_unsaved.clear();
         self.raw_unsaved.clear();
         SnapshotRecords(records)
+    }
+
+    /// The documents and tombstones a snapshot holds (a deferred document's held changes are
+    /// records of their own, but not documents).
+    pub fn snapshot_documents(&self) -> usize {
+        let nodes = self.nodes.values().filter(|e| e.hash != 0).count();
+        let jobs = self.jobs.values().filter(|e| e.hash != 0).count();
+        nodes + jobs + self.tombstone_order.len()
     }
 
     /// The size a snapshot would have now, without disturbing persistence (for measurements;
@@ -1921,7 +1933,9 @@ mod tests {
         assert!(r.apply_changes(&doc, &claim).expect("valid changes"));
         r.take_changed();
         let stale = r.job("j").cloned();
-        let snapshot = r.snapshot();
+        let records = r.snapshot_records();
+        assert_eq!((records.0.len(), r.snapshot_documents()), (2, 1), "the held change is a record of its own");
+        let snapshot = records.to_bytes();
         assert_eq!(r.held_changes("j"), 1, "still held");
         assert_eq!(r.job("j").cloned(), stale, "still reads stale");
         assert!(r.take_changed().is_empty(), "nothing reported changed");

@@ -317,7 +317,7 @@ pub struct Engine {
     next_compaction_ms: u64,
     next_sweep_ms: u64,
     persisted_since_snapshot: usize,
-    /// Records in the last snapshot: the next waits for twice their estimated size of log.
+    /// Documents in the last snapshot: the next waits for twice their estimated size of log.
     last_snapshot_records: usize,
     /// Snapshots taken since boot.
     snapshots: u64,
@@ -1083,7 +1083,7 @@ impl Engine {
         if self.persisted_since_snapshot > threshold {
             let snapshot = self.table.snapshot_records();
             self.snapshots += 1;
-            self.last_snapshot_records = snapshot.0.len();
+            self.last_snapshot_records = self.table.snapshot_documents();
             self.persisted_since_snapshot = 0;
             self.outputs.push_back(Output::Snapshot(snapshot));
         }
