@@ -247,77 +247,54 @@ pub struct SharedStates {
     changes: Mutex<HashMap<Box<[u8]>, automerge::Change>>,
     /// Which states keep a loaded document.
     live: Arc<LiveBudget>,
-    /// Where the bytes of each change held beside a document are (see [`held`]).
+    /// Every change some table holds beside a document, by hash (see [`waiting`]).
     held: Mutex<HeldIndex>,
 }
 
-/// Where a change's bytes are: a batch, not kept alive by this, and the index in it.
-type WeakHeld = (Weak<[Vec<u8>]>, usize);
-
-/// Change bytes held in deferrals and waiting lists, by change hash: weak, so a batch lives
-/// as long as some table holds one of its changes.
+/// Changes held in deferrals and waiting lists, by change hash: weak, so a change lives as
+/// long as some table holds it.
 #[derive(Default)]
 struct HeldIndex {
-    by_hash: HashMap<ChangeHash, WeakHeld>,
+    by_hash: HashMap<ChangeHash, Weak<crate::doc::WaitingData>>,
     purge_at: usize,
-    /// Changes waiting for their dependencies, by hash (see [`waiting`]).
-    waiting: HashMap<ChangeHash, Weak<crate::doc::WaitingData>>,
-    waiting_purge_at: usize,
 }
 
-/// Change `index` of `batch` (whose hash is `hash`), to hold beside a document: with shared
-/// states, the copy of its bytes some table of the process holds already, if any. A push
-/// reaches every node as one shared batch, but a repair (`Have` answered with `Changes`) is
-/// one batch per pair of nodes: when a 1,000-node ring partition healed, every node held
-/// the changes it was repaired with as private copies until its next sweep, gigabytes
-/// together. It changes no decision: the bytes are the same.
-pub(crate) fn held(states: Option<&SharedStates>, hash: ChangeHash, batch: &Arc<[Vec<u8>]>, index: usize) -> Held {
-    let own = || Held { batch: batch.clone(), index };
-    let Some(states) = states else { return own() };
-    // A poisoned lock (a panic elsewhere while holding it) only loses the sharing.
-    let Ok(mut held) = states.held.lock() else { return own() };
-    if let Some((batch, index)) = held.by_hash.get(&hash) {
-        if let Some(batch) = batch.upgrade() {
-            return Held { batch, index: *index };
-        }
-    }
-    held.by_hash.insert(hash, (Arc::downgrade(batch), index));
-    if held.by_hash.len() > held.purge_at {
-        held.by_hash.retain(|_, (b, _)| b.strong_count() > 0);
-        held.purge_at = (held.by_hash.len() * 2).max(1024);
-    }
-    own()
-}
-
-/// [`held`] for changes `indexes` of `batch`, as changes waiting for their dependencies:
-/// with shared states, the waiting change some table of the process holds already, if any
-/// (its hash, dependencies and bytes are the same: it changes no decision).
+/// Changes `indexes` of `batch`, to hold beside a document (waiting for their dependencies,
+/// or in a deferral): with shared states, the record of each that some table of the process
+/// holds already, if any. It changes no decision: hash, dependencies and bytes are the same.
+///
+/// A push reaches every node as one shared batch, but a repair (`Have` answered with
+/// `Changes`) is one batch per pair of nodes: when a 1,000-node ring partition healed, every
+/// node held the changes it was repaired with as private copies until its next sweep,
+/// gigabytes together. And under the ring most nodes held the same changes waiting for the
+/// same missing ones, 4.5 million at once, each a record of about 120 bytes per node.
 pub(crate) fn waiting(
     states: Option<&SharedStates>,
     parsed: &mut [automerge::Change],
     batch: &Arc<[Vec<u8>]>,
     indexes: &[usize],
 ) -> Vec<crate::doc::Waiting> {
+    let own = |parsed: &mut [automerge::Change], i: usize| {
+        crate::doc::Waiting::new(&mut parsed[i], Held { batch: batch.clone(), index: i })
+    };
+    // A poisoned lock (a panic elsewhere while holding it) only loses the sharing.
+    let Some(mut held) = states.and_then(|s| s.held.lock().ok()) else {
+        return indexes.iter().map(|&i| own(parsed, i)).collect();
+    };
     let mut out = Vec::with_capacity(indexes.len());
     for &i in indexes {
         let hash = parsed[i].hash();
-        let known = states.and_then(|s| {
-            let index = s.held.lock().ok()?;
-            index.waiting.get(&hash).and_then(crate::doc::Waiting::upgrade)
-        });
-        if let Some(w) = known {
+        if let Some(w) = held.by_hash.get(&hash).and_then(crate::doc::Waiting::upgrade) {
             out.push(w);
             continue;
         }
-        let w = crate::doc::Waiting::new(&mut parsed[i], held(states, hash, batch, i));
-        if let Some(mut index) = states.and_then(|s| s.held.lock().ok()) {
-            index.waiting.insert(hash, w.downgrade());
-            if index.waiting.len() > index.waiting_purge_at {
-                index.waiting.retain(|_, w| w.strong_count() > 0);
-                index.waiting_purge_at = (index.waiting.len() * 2).max(1024);
-            }
-        }
+        let w = own(parsed, i);
+        held.by_hash.insert(hash, w.downgrade());
         out.push(w);
+    }
+    if held.by_hash.len() > held.purge_at {
+        held.by_hash.retain(|_, w| w.strong_count() > 0);
+        held.purge_at = (held.by_hash.len() * 2).max(1024);
     }
     out
 }

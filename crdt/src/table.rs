@@ -1711,6 +1711,23 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    /// A writer table ("w") that created job "j", and the change that created it.
+    fn writer_of_j() -> (Table, Vec<Vec<u8>>) {
+        use crate::spec::JobSpec;
+        let header =
+            JobHeader { spec: JobSpec::command("sleep", ["1"]), submitted_by: "w".to_string(), submitted_at_ms: 0 };
+        let mut w = Table::new("w".to_string(), [1; 16]);
+        w.create_job("j", &header);
+        let created = w.take_outbox().into_iter().map(|(_, c)| c).collect();
+        (w, created)
+    }
+
+    /// The change `w` makes claiming instance `index` of "j" at `at_ms`.
+    fn claim_of_j(w: &mut Table, index: u32, at_ms: u64) -> Vec<Vec<u8>> {
+        w.write_claim("j", index, &Claim { attempt: 0, boot: 1, at_ms });
+        w.take_outbox().into_iter().map(|(_, c)| c).collect()
+    }
+
     /// Snapshot blobs written before snapshots were kept as records (the encoding of the
     /// list of records) are what `to_bytes` writes now, so old stores load unchanged.
     #[test]
@@ -1834,15 +1851,9 @@ mod tests {
     /// per pair of nodes); without, each holds the batch it got.
     #[test]
     fn held_changes_share_their_bytes_across_tables_given_the_same_states() {
-        use crate::spec::JobSpec;
-        let header =
-            JobHeader { spec: JobSpec::command("sleep", ["1"]), submitted_by: "w".to_string(), submitted_at_ms: 0 };
         let doc = DocId::Job("j".to_string());
-        let mut w = Table::new("w".to_string(), [1; 16]);
-        w.create_job("j", &header);
-        let created: Vec<Vec<u8>> = w.take_outbox().into_iter().map(|(_, c)| c).collect();
-        w.write_claim("j", 0, &Claim { attempt: 0, boot: 1, at_ms: 5 });
-        let claim: Vec<Vec<u8>> = w.take_outbox().into_iter().map(|(_, c)| c).collect();
+        let (mut w, created) = writer_of_j();
+        let claim = claim_of_j(&mut w, 0, 5);
         for sharing in [true, false] {
             let states = Arc::new(SharedStates::default());
             let mut tables: Vec<Table> = (0..2u8)
@@ -1879,15 +1890,10 @@ mod tests {
     /// arrives it applies in each alike.
     #[test]
     fn waiting_changes_are_one_copy_across_tables_given_the_same_states() {
-        use crate::spec::JobSpec;
-        let header =
-            JobHeader { spec: JobSpec::command("sleep", ["1"]), submitted_by: "w".to_string(), submitted_at_ms: 0 };
         let doc = DocId::Job("j".to_string());
-        let mut w = Table::new("w".to_string(), [1; 16]);
-        w.create_job("j", &header);
-        let created: Arc<[Vec<u8>]> = w.take_outbox().into_iter().map(|(_, c)| c).collect();
-        w.write_claim("j", 0, &Claim { attempt: 0, boot: 1, at_ms: 5 });
-        let claim: Vec<Vec<u8>> = w.take_outbox().into_iter().map(|(_, c)| c).collect();
+        let (mut w, created) = writer_of_j();
+        let created: Arc<[Vec<u8>]> = created.into();
+        let claim = claim_of_j(&mut w, 0, 5);
         for sharing in [true, false] {
             let states = Arc::new(SharedStates::default());
             let mut tables: Vec<Table> = (0..2u8)
@@ -1917,15 +1923,9 @@ mod tests {
     /// the snapshot restores the job with its held changes.
     #[test]
     fn a_snapshot_writes_deferred_changes_as_held() {
-        use crate::spec::JobSpec;
-        let header =
-            JobHeader { spec: JobSpec::command("sleep", ["1"]), submitted_by: "w".to_string(), submitted_at_ms: 0 };
         let doc = DocId::Job("j".to_string());
-        let mut w = Table::new("w".to_string(), [1; 16]);
-        w.create_job("j", &header);
-        let created: Vec<Vec<u8>> = w.take_outbox().into_iter().map(|(_, c)| c).collect();
-        w.write_claim("j", 0, &Claim { attempt: 0, boot: 1, at_ms: 5 });
-        let claim: Vec<Vec<u8>> = w.take_outbox().into_iter().map(|(_, c)| c).collect();
+        let (mut w, created) = writer_of_j();
+        let claim = claim_of_j(&mut w, 0, 5);
         let mut r = Table::new("r".to_string(), [2; 16]);
         r.apply_changes(&doc, &created).expect("valid changes");
         r.take_persist_records();
@@ -1945,8 +1945,7 @@ mod tests {
         assert_eq!(restored.job("j"), w.job("j"));
         assert_eq!(restored.digest(), w.digest());
         // The next change is persisted on its own: the held one is not written again.
-        w.write_claim("j", 1, &Claim { attempt: 0, boot: 1, at_ms: 6 });
-        let next: Vec<Vec<u8>> = w.take_outbox().into_iter().map(|(_, c)| c).collect();
+        let next = claim_of_j(&mut w, 1, 6);
         assert!(r.apply_changes(&doc, &next).expect("valid changes"));
         let written: Vec<PersistRecord> =
             r.take_persist_records().iter().map(|b| postcard::from_bytes(b).expect("a record")).collect();
@@ -2074,18 +2073,9 @@ mod tests {
     /// serves a peer and what it restores from are those of a deferral that kept the bytes.
     #[test]
     fn a_deferral_rebases_onto_a_state_another_table_froze() {
-        use crate::spec::JobSpec;
-        let header =
-            JobHeader { spec: JobSpec::command("sleep", ["1"]), submitted_by: "w".to_string(), submitted_at_ms: 0 };
         let doc = DocId::Job("j".to_string());
-        let mut w = Table::new("w".to_string(), [1; 16]);
-        let step = |w: &mut Table, index: u32| -> Vec<Vec<u8>> {
-            w.write_claim("j", index, &Claim { attempt: 0, boot: 1, at_ms: u64::from(index) });
-            w.take_outbox().into_iter().map(|(_, c)| c).collect()
-        };
-        w.create_job("j", &header);
-        let created: Vec<Vec<u8>> = w.take_outbox().into_iter().map(|(_, c)| c).collect();
-        let (first, second) = (step(&mut w, 0), step(&mut w, 1));
+        let (mut w, created) = writer_of_j();
+        let (first, second) = (claim_of_j(&mut w, 0, 0), claim_of_j(&mut w, 1, 1));
         let states = Arc::new(SharedStates::default());
         // 0 freezes the state; 1 and 3 share states with it, 2 does not.
         let mut tables: Vec<(Table, Vec<Vec<u8>>)> = (0..4u8)
