@@ -318,7 +318,7 @@ pub struct Engine {
     next_sweep_ms: u64,
     persisted_since_snapshot: usize,
     /// Documents in the last snapshot: the next waits for twice their estimated size of log.
-    last_snapshot_records: usize,
+    last_snapshot_documents: usize,
     /// Snapshots taken since boot.
     snapshots: u64,
     sends: Vec<(NodeId, Message)>,
@@ -334,9 +334,10 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-/// A snapshot record's estimated size: a job document saved after its usual seven changes is
-/// about 1.5 KiB, a tombstone a few dozen bytes (see `Engine::flush`).
-const SNAPSHOT_BYTES_PER_RECORD: usize = 1024;
+/// A snapshot document's estimated size (a tombstone counts as one): a job document saved
+/// after its usual seven changes is about 1.5 KiB, a tombstone a few dozen bytes (see
+/// `Engine::flush`).
+const SNAPSHOT_BYTES_PER_DOCUMENT: usize = 1024;
 
 /// `amount` of `items`, a uniform random choice, sorted. (`partial_shuffle` leaves the
 /// chosen ones in the slice it returns first, which is the *tail* of the vector: truncating
@@ -429,7 +430,7 @@ impl Engine {
             next_compaction_ms: now_ms + config.timing.compaction_ms,
             next_sweep_ms: now_ms + sweep_phase + 1,
             persisted_since_snapshot: 0,
-            last_snapshot_records: 0,
+            last_snapshot_documents: 0,
             snapshots: 0,
             sends: Vec::new(),
             task_outputs: Vec::new(),
@@ -1063,7 +1064,7 @@ impl Engine {
             self.persisted_since_snapshot += records.iter().map(Vec::len).sum::<usize>();
             self.outputs.push_back(Output::Persist(records));
         }
-        // The snapshot's size is estimated from its record count, not measured: the bytes of a
+        // The snapshot's size is estimated from its document count, not measured: the bytes of a
         // cold document depend on how it was encoded (a save, or a save followed by change
         // chunks), and in the simulator on which node froze a shared state first. Measured
         // bytes made when a node snapshots, and so its later decisions, depend on other
@@ -1072,7 +1073,7 @@ impl Engine {
         // `persisted_since_snapshot` counts record bytes, and a change taken from a shared
         // state is one raw record where a live document's next write would have joined it
         // in one incremental save (a record header apart).
-        let estimate = self.last_snapshot_records.saturating_mul(SNAPSHOT_BYTES_PER_RECORD);
+        let estimate = self.last_snapshot_documents.saturating_mul(SNAPSHOT_BYTES_PER_DOCUMENT);
         let threshold = self.config.limits.snapshot_after_bytes.max(estimate * 2);
         // Up to half as much again, a function of the node and how many snapshots it took:
         // nodes receive the same changes, so without it every node crossed the threshold at
@@ -1083,7 +1084,7 @@ impl Engine {
         if self.persisted_since_snapshot > threshold {
             let snapshot = self.table.snapshot_records();
             self.snapshots += 1;
-            self.last_snapshot_records = self.table.snapshot_documents();
+            self.last_snapshot_documents = self.table.snapshot_documents();
             self.persisted_since_snapshot = 0;
             self.outputs.push_back(Output::Snapshot(snapshot));
         }
