@@ -203,6 +203,8 @@ pub struct RunResult {
     /// Claims written, summed over the nodes up at the end (a restarted node counts from its
     /// restart). Above one per instance start: nodes that claimed and lost the tie-break.
     pub claims_written: u64,
+    /// Of those, claims on attempts whose earlier claims had all stopped counting.
+    pub claims_replacing: u64,
     /// Fault episodes injected, by kind.
     pub faults_injected: BTreeMap<String, usize>,
     /// The main structures' sizes at rest, summed over the nodes up at the end.
@@ -691,13 +693,15 @@ impl Sim {
                 last_report = std::time::Instant::now();
                 let phase = if self.heal_at.is_some() { "liveness" } else { "faults" };
                 eprintln!(
-                    "seed {}: {phase} phase, virtual {:.1} s, {} events, {} messages {:?}, {} task starts, {:.0} s wall",
+                    "seed {}: {phase} phase, virtual {:.1} s, {} events, {} messages {:?}, {} task starts, {} claims ({} replacing), {:.0} s wall",
                     self.config.seed,
                     self.now as f64 / 1000.0,
                     events,
                     self.result.messages,
                     self.result.messages_by_kind,
                     self.result.task_starts,
+                    self.engines().map(|e| e.counters().claims).sum::<u64>(),
+                    self.engines().map(|e| e.counters().claims_replacing).sum::<u64>(),
                     started.elapsed().as_secs_f64()
                 );
                 // Walks every node's tables: once a minute, not with every progress line (at
@@ -1262,6 +1266,11 @@ impl Sim {
         self.nodes.iter().all(|n| n.tasks.values().all(|t| !self.stopped_jobs.contains(&t.job) || t.stopping))
     }
 
+    /// The node cores up now.
+    fn engines(&self) -> impl Iterator<Item = &Engine> {
+        self.nodes.iter().filter_map(|n| n.engine.as_ref())
+    }
+
     fn multi_owner(&self) -> usize {
         let running = self.running_copies();
         let mut bad = 0;
@@ -1344,8 +1353,8 @@ impl Sim {
         self.result.multi_owner_instances_at_rest = self.multi_owner();
         self.result.duplicate_runs = self.starts.values().map(|n| (*n as usize).saturating_sub(1)).sum();
         self.result.virtual_ms = self.now;
-        self.result.claims_written =
-            self.nodes.iter().filter_map(|n| n.engine.as_ref()).map(|e| e.counters().claims).sum();
+        self.result.claims_written = self.engines().map(|e| e.counters().claims).sum();
+        self.result.claims_replacing = self.engines().map(|e| e.counters().claims_replacing).sum();
         self.result.footprint_at_rest = self.footprint();
         self.result
     }

@@ -121,6 +121,7 @@ struct Summary {
     messages_by_kind: std::collections::BTreeMap<&'static str, u64>,
     task_starts: u64,
     claims_written: u64,
+    claims_replacing: u64,
     failing_seeds: Vec<u64>,
     wall_ms: u64,
 }
@@ -237,6 +238,7 @@ fn main() {
         ),
         task_starts: results.iter().map(|r| r.task_starts).sum(),
         claims_written: results.iter().map(|r| r.claims_written).sum(),
+        claims_replacing: results.iter().map(|r| r.claims_replacing).sum(),
         failing_seeds: results.iter().filter(|r| !r.ok()).map(|r| r.seed).collect(),
         wall_ms: started.elapsed().as_millis() as u64,
     };
@@ -269,6 +271,7 @@ fn print_table(s: &Summary) {
         ),
         ("messages delivered", s.messages.to_string()),
         ("task starts", s.task_starts.to_string()),
+        ("claims (replacing)", format!("{} ({})", s.claims_written, s.claims_replacing)),
         ("wall time", format!("{:.1} s", s.wall_ms as f64 / 1000.0)),
     ];
     for (k, v) in rows {

@@ -247,6 +247,9 @@ impl std::ops::AddAssign for Footprint {
 pub struct Counters {
     /// Claims written.
     pub claims: u64,
+    /// Claims on an attempt whose earlier claims all stopped counting (their nodes certified
+    /// dead or gone): the re-placements.
+    pub claims_replacing: u64,
     /// Claims withdrawn after losing.
     pub claims_lost: u64,
     /// Tasks started.
@@ -1411,6 +1414,7 @@ impl Engine {
         let claim = Claim { attempt: view.attempt, boot: self.boot, at_ms: now_ms };
         self.table.write_claim(job, view.index, &claim);
         self.counters.claims += 1;
+        self.counters.claims_replacing += u64::from(claimants > 0);
         self.retain_pending_since(job, |p| p.index != view.index);
         self.claims.insert(
             (job.to_string(), view.index),
