@@ -562,6 +562,15 @@ impl Table {
         index.get(target).and_then(|by| by.values().copied().max())
     }
 
+    /// The observers that certify `target` dead at incarnation `at_least` or higher: the
+    /// node documents a certificate against its current incarnation lives in.
+    pub fn certifiers(&self, target: &str, at_least: u64) -> Vec<NodeId> {
+        self.deaths_about
+            .get(target)
+            .map(|by| by.iter().filter(|(_, inc)| **inc >= at_least).map(|(o, _)| o.clone()).collect())
+            .unwrap_or_default()
+    }
+
     /// Whether a job was compacted here (and so is refused if a peer offers it again).
     pub fn is_compacted(&self, job: &str) -> bool {
         self.tombstones.contains_key(job)

@@ -881,6 +881,12 @@ impl Runtime {
             &one(c.repair_changes_sent),
         );
         metric(
+            "colony_certificates_forwarded_total",
+            "counter",
+            "Death certificates passed on to an accused node still seen alive (a healed cut).",
+            &one(c.certificates_forwarded),
+        );
+        metric(
             "colony_bad_messages_total",
             "counter",
             "Peer messages that failed to decode or apply.",

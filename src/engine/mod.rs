@@ -187,6 +187,14 @@ struct PendingSince {
     claimants: u32,
 }
 
+/// The claims on one instance's current attempt, valid or not.
+#[derive(Debug, Clone, Copy, Default)]
+struct Claimants {
+    count: u32,
+    /// Until when a claimant's refutation of a certificate is awaited (0: none is).
+    refutation_due_ms: u64,
+}
+
 /// Node ids in it are shared (`shared_node_id`): each job names a few nodes, on every node,
 /// and a `String` per mention was about 500 bytes per job per node.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -271,6 +279,8 @@ pub struct Counters {
     pub sync_docs_deferred: u64,
     /// Job changes sent to repair a peer's copy (answers to `Have`).
     pub repair_changes_sent: u64,
+    /// Death certificates passed on to the accused, which this node still saw alive.
+    pub certificates_forwarded: u64,
 }
 
 /// The node core.
@@ -297,6 +307,11 @@ pub struct Engine {
     participating: BTreeMap<NodeId, BTreeSet<JobId>>,
     allocated: BTreeMap<NodeId, Resources>,
     node_states: BTreeMap<NodeId, NodeState>,
+    /// Nodes this node saw alive until a death certificate arrived all at once (not after a
+    /// suspicion): certificates written across a cut that has healed. Each was passed on to
+    /// the accused, and until the deadline here its instances wait for its refutation before
+    /// anyone here claims them (see `on_nodes_changed`).
+    awaiting_refutation: BTreeMap<NodeId, u64>,
     /// Peers that may win placements (not this node).
     candidates: BTreeMap<NodeId, Candidate>,
     /// The care-taker ring: (hash, node) for every node with known facts whose claims count.
@@ -419,6 +434,7 @@ impl Engine {
             participating: BTreeMap::new(),
             allocated: BTreeMap::new(),
             node_states: BTreeMap::new(),
+            awaiting_refutation: BTreeMap::new(),
             candidates: BTreeMap::new(),
             ring: BTreeSet::new(),
             fresh_peers: BTreeSet::new(),
@@ -913,7 +929,7 @@ impl Engine {
         // Evaluating jobs writes claims and runs, which changes documents, which may make
         // more jobs worth evaluating (a node state change touches every job): loop to rest.
         for _ in 0..4 {
-            self.absorb_changes();
+            self.absorb_changes(now_ms);
             if self.dirty.is_empty() {
                 break;
             }
@@ -927,7 +943,7 @@ impl Engine {
         self.flush(now_ms);
     }
 
-    fn absorb_changes(&mut self) {
+    fn absorb_changes(&mut self, now_ms: u64) {
         let changed = self.table.take_changed();
         let mut nodes = Vec::new();
         for doc in changed {
@@ -939,20 +955,22 @@ impl Engine {
             }
         }
         if !nodes.is_empty() {
-            self.on_nodes_changed(&nodes);
+            self.on_nodes_changed(now_ms, &nodes);
         }
     }
 
     /// Node documents (or the certificates about those nodes) changed. Cost is per changed
     /// node, not per cluster member: on a 1,000-node boot every node document arrives once.
-    fn on_nodes_changed(&mut self, nodes: &[NodeId]) {
+    fn on_nodes_changed(&mut self, now_ms: u64, nodes: &[NodeId]) {
         let mut state_changed: BTreeSet<&NodeId> = BTreeSet::new();
         let mut about_me = false;
         for id in nodes {
             about_me |= *id == self.id;
             let new = self.table.node_states().get(id).copied();
-            if self.node_states.get(id).copied() != new {
+            let old = self.node_states.get(id).copied();
+            if old != new {
                 state_changed.insert(id);
+                self.on_state_change(now_ms, id, old, new);
                 match new {
                     Some(state) => {
                         self.events.push(Event::Node { id: id.clone(), state });
@@ -982,6 +1000,39 @@ impl Engine {
             self.refute_if_needed(false);
         }
         self.drop_stale_certificates();
+    }
+
+    /// A certificate that arrives about a node this node saw alive, not suspected first, was
+    /// written where the node could not be reached: across a cut, now healed, or it would
+    /// have come after a suspicion, pushed as the care-taker wrote it. The accused is likely
+    /// alive and will refute once it hears, but anti-entropy may bring it the certificate
+    /// seconds after it reached this node. Meanwhile every node that learnt of it found the
+    /// accused's instances without a valid claim and claimed them afresh: at 200 simulated
+    /// nodes, 500 such claims in the half-second after a heal, and as many duplicate starts.
+    /// So the certificate goes straight to the accused (the certifiers' node documents),
+    /// and the accused's instances wait here for its refutation, two round trips, before
+    /// they count as lost. A node really dead costs one wasted message per node that saw it
+    /// alive, and those rarely exist: a death is normally suspected first.
+    fn on_state_change(&mut self, now_ms: u64, id: &NodeId, old: Option<NodeState>, new: Option<NodeState>) {
+        if new.is_none_or(|s| s.counts()) {
+            self.awaiting_refutation.remove(id);
+            return;
+        }
+        let sudden = old.unwrap_or(NodeState::Alive) == NodeState::Alive && new == Some(NodeState::Dead);
+        if !sudden || *id == self.id || !self.peers.contains(id) {
+            return;
+        }
+        self.awaiting_refutation.retain(|_, deadline| *deadline > now_ms);
+        self.awaiting_refutation.insert(id.clone(), now_ms + 2 * self.effective_stagger_ms());
+        let incarnation = self.table.node(id).map_or(0, |r| r.incarnation);
+        for observer in self.table.certifiers(id, incarnation) {
+            let doc = DocId::Node(observer);
+            let changes = self.table.changes_missing(&doc, &[]);
+            if !changes.is_empty() {
+                self.counters.certificates_forwarded += 1;
+                self.sends.push((id.clone(), Message::Changes { doc, changes: changes.into() }));
+            }
+        }
     }
 
     /// Keeps the candidate list and the care-taker ring in step with one node's record.
@@ -1143,13 +1194,19 @@ impl Engine {
             .collect();
         participants.sort_unstable();
         participants.dedup();
-        // Claims written on each instance's current attempt, valid or not (see `try_claim`).
-        let claimants: Vec<u32> = views
+        // Claims written on each instance's current attempt, valid or not, and until when a
+        // claimant's refutation is awaited (see `try_claim`, `on_state_change`).
+        let awaiting = &self.awaiting_refutation;
+        let claimants: Vec<Claimants> = views
             .iter()
             .map(|v| {
                 let claims = colony_crdt::records::range_from(&record.claims, &(v.index, String::new()))
-                    .take_while(|((i, _), _)| *i == v.index);
-                claims.filter(|(_, c)| c.attempt == v.attempt).count() as u32
+                    .take_while(|((i, _), _)| *i == v.index)
+                    .filter(|(_, c)| c.attempt == v.attempt);
+                claims.fold(Claimants::default(), |acc, ((_, node), _)| Claimants {
+                    count: acc.count + 1,
+                    refutation_due_ms: acc.refutation_due_ms.max(awaiting.get(node).copied().unwrap_or(0)),
+                })
             })
             .collect();
         self.update_cache(job, spec, status, &views, finished_at_ms, participants);
@@ -1249,7 +1306,7 @@ impl Engine {
         header: &JobHeader,
         view: &InstanceView,
         stopped: bool,
-        claimants: u32,
+        claimants: Claimants,
     ) {
         let (spec, submitted_at_ms) = (&header.spec, header.submitted_at_ms);
         let key = (job.to_string(), view.index);
@@ -1348,8 +1405,9 @@ impl Engine {
         spec: &JobSpec,
         view: &InstanceView,
         submitted_at_ms: u64,
-        claimants: u32,
+        claimants: Claimants,
     ) {
+        let Claimants { count: claimants, refutation_due_ms } = claimants;
         if self.mode != NodeMode::Active {
             return;
         }
@@ -1406,7 +1464,7 @@ impl Engine {
         // job, so a better node's claim that is still in flight (a busy or late peer) can
         // arrive first.
         let own_wait = if position > 0 { first_seen + stagger } else { first_seen };
-        let due = (since + u64::from(position) * stagger).max(own_wait);
+        let due = (since + u64::from(position) * stagger).max(own_wait).max(refutation_due_ms);
         if now_ms < due {
             self.timers.insert((due, job.to_string()));
             return;

@@ -97,3 +97,108 @@ fn anti_entropy_repairs_every_document_by_have_within_the_interval_budget() {
         assert_eq!(node.table().nodes().count(), N, "every node document on every node");
     }
 }
+
+/// Four node cores, split {w, z} | {p, q} while w runs a job's one instance. Each side
+/// certifies the other dead, and p's side runs the instance again. The cut then heals for z
+/// first: z learns by anti-entropy that w, which it never stopped seeing, was certified dead,
+/// while w still cannot hear it from the other side. z passes the certificate on to w, w
+/// refutes, and z does not claim the instance meanwhile: before the forwarding, z found it
+/// without a valid claim (w and p both certified dead in its view) and claimed it afresh,
+/// one more copy for every such instance at a heal. After the whole cut heals, one copy
+/// runs, on the winner.
+#[test]
+fn a_certificate_from_across_a_healed_cut_waits_for_the_refutation() {
+    use super::{Engine, EngineConfig, Message, Output};
+    use colony_crdt::{JobSpec, Resources};
+    use std::collections::VecDeque;
+
+    const N: usize = 4;
+    let id = |i: usize| format!("node-{i}");
+    let index = |name: &str| (0..N).find(|i| id(*i) == name).expect("a known node");
+    let capacity = Resources { cpu_millis: 4_000, memory_mb: 4_096 };
+    let mut nodes: Vec<Engine> = (0..N)
+        .map(|i| Engine::new(id(i), EngineConfig::new(id(i), capacity), i as u64, 0, None).expect("starts"))
+        .collect();
+    // Tasks running on each node, by task id; a task never exits by itself here.
+    let mut running: Vec<std::collections::BTreeSet<String>> = vec![Default::default(); N];
+    // Delivers every output at `now`, dropping messages across `cut`, until quiet.
+    let step = |nodes: &mut Vec<Engine>,
+                running: &mut Vec<std::collections::BTreeSet<String>>,
+                now: u64,
+                cut: &dyn Fn(usize, usize) -> bool| {
+        let mut queue: VecDeque<(usize, usize, Message)> = VecDeque::new();
+        let mut drain = |i: usize, node: &mut Engine, queue: &mut VecDeque<(usize, usize, Message)>| {
+            while let Some(out) = node.poll_output() {
+                match out {
+                    Output::Send { to, message } => queue.push_back((i, index(&to), message)),
+                    Output::StartTask(start) => {
+                        running[i].insert(start.task.clone());
+                    }
+                    Output::StopTask { task } => {
+                        running[i].remove(&task);
+                        node.handle_task_exited(now, &task, 143);
+                    }
+                    _ => {}
+                }
+            }
+        };
+        for (i, node) in nodes.iter_mut().enumerate() {
+            node.handle_timeout(now);
+            drain(i, node, &mut queue);
+        }
+        while let Some((from, to, message)) = queue.pop_front() {
+            if cut(from, to) {
+                continue;
+            }
+            nodes[to].handle_message(now, &id(from), message);
+            drain(to, &mut nodes[to], &mut queue);
+        }
+    };
+    let whole = |_: usize, _: usize| false;
+    for (i, node) in nodes.iter_mut().enumerate() {
+        for peer in (0..N).filter(|p| *p != i) {
+            node.handle_peer_up(0, id(peer));
+        }
+    }
+    nodes[0].submit(0, JobSpec::command("sleep", ["1000"])).expect("a valid spec");
+    let mut now = 0;
+    while now < 3_000 {
+        step(&mut nodes, &mut running, now, &whole);
+        now += 10;
+    }
+    let w = running.iter().position(|r| !r.is_empty()).expect("the instance runs somewhere");
+    let others: Vec<usize> = (0..N).filter(|i| *i != w).collect();
+    let (z, p, q) = (others[0], others[1], others[2]);
+    let side = move |i: usize| i == w || i == z;
+
+    // The split: each side certifies the other dead; p's side runs the instance again.
+    let split = move |a: usize, b: usize| side(a) != side(b);
+    while now < 10_000 {
+        step(&mut nodes, &mut running, now, &split);
+        now += 10;
+    }
+    assert!(running[p].len() + running[q].len() == 1, "the other side runs the instance too: {running:?}");
+    assert_eq!(running[w].len(), 1, "w still runs its copy: {running:?}");
+    let z_claims = nodes[z].counters().claims;
+
+    // z meets p and q again; w does not yet.
+    let partial = move |a: usize, b: usize| split(a, b) && (a == w || b == w);
+    while now < 14_000 {
+        step(&mut nodes, &mut running, now, &partial);
+        now += 10;
+    }
+    assert!(nodes[z].counters().certificates_forwarded > 0, "z passed a certificate against w on to w");
+    assert!(nodes[w].counters().refutations > 0, "w refuted the certificate it heard of from z");
+    assert_eq!(nodes[z].counters().claims, z_claims, "z claimed nothing while w's refutation was due");
+    assert!(running[z].is_empty(), "z runs no copy: {running:?}");
+
+    // The whole cut heals: one copy runs, on the node every core names as the owner.
+    let mut converged = false;
+    while now < 30_000 && !converged {
+        step(&mut nodes, &mut running, now, &whole);
+        now += 10;
+        converged = nodes.iter().all(|n| n.digest() == nodes[0].digest())
+            && running.iter().map(|r| r.len()).sum::<usize>() == 1;
+    }
+    assert!(converged, "one digest and one running copy after the heal: {running:?}");
+}
