@@ -1678,13 +1678,20 @@ impl Engine {
         if !forget.is_empty() {
             self.sends.push((from.to_string(), Message::Forget { jobs: forget }));
         }
-        let cap = self.repair_budget;
-        if to_sync.len() > cap {
-            self.counters.sync_docs_deferred += (to_sync.len() - cap) as u64;
-            to_sync = sample_sorted(&mut self.rng, to_sync, cap);
+        // Node documents first, and never deferred: they say who is alive, and so who owns
+        // what. A certificate from across a healed cut that reaches the accused only after
+        // hundreds of job documents leaves every node that heard of it first re-placing the
+        // accused's work; the accused's refutation is what stops that. There is one node
+        // document per member, a few changes each: the budget is for job documents.
+        let (nodes, mut jobs): (Vec<DocId>, Vec<DocId>) =
+            to_sync.into_iter().partition(|doc| matches!(doc, DocId::Node(_)));
+        let cap = self.repair_budget.saturating_sub(nodes.len());
+        if jobs.len() > cap {
+            self.counters.sync_docs_deferred += (jobs.len() - cap) as u64;
+            jobs = sample_sorted(&mut self.rng, jobs, cap);
         }
-        self.repair_budget -= to_sync.len();
-        for doc in to_sync {
+        self.repair_budget = self.repair_budget.saturating_sub(nodes.len() + jobs.len());
+        for doc in nodes.into_iter().chain(jobs) {
             let hashes = self.table.doc_hashes(&doc);
             self.sends.push((from.to_string(), Message::Have { doc, hashes, reply: true }));
         }
