@@ -846,6 +846,12 @@ impl Runtime {
             &one(duplicate_runs),
         );
         metric("colony_claims_total", "counter", "Claims written.", &one(c.claims));
+        metric(
+            "colony_claims_replacing_total",
+            "counter",
+            "Claims on instances whose earlier claims all stopped counting (re-placements).",
+            &one(c.claims_replacing),
+        );
         metric("colony_claims_lost_total", "counter", "Claims withdrawn after losing.", &one(c.claims_lost));
         metric("colony_engine_tasks_started_total", "counter", "Tasks the engine started.", &one(c.tasks_started));
         metric(
