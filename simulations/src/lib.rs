@@ -18,7 +18,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// A kind of fault the simulator can inject.
@@ -244,8 +245,8 @@ struct Disk {
     /// The last snapshot's records, shared by content like the log's: nodes holding a
     /// document in one state write one record for it, and at 1,000 nodes each node's
     /// snapshot is most of a copy of every other's.
-    snapshot: Vec<Arc<[u8]>>,
-    records: Vec<Arc<[u8]>>,
+    snapshot: Vec<Record>,
+    records: Vec<Record>,
     /// Writes not yet synced, already shared by content: held as the node core handed them
     /// over, a wave of snapshots across 1,000 nodes was gigabytes until their fsyncs.
     pending: Vec<Write>,
@@ -254,8 +255,8 @@ struct Disk {
 
 /// A write waiting for its fsync.
 enum Write {
-    Records(Vec<Arc<[u8]>>),
-    Snapshot(Vec<Arc<[u8]>>),
+    Records(Vec<Record>),
+    Snapshot(Vec<Record>),
 }
 
 impl Disk {
@@ -284,31 +285,125 @@ impl Disk {
     }
 }
 
-/// Persisted records shared by content across the simulated disks. Most records are one
-/// change pushed to every node, persisted alike by each: at 1,000 nodes the disks held a
-/// thousand copies of each, a quarter of the simulator's memory. Sharing the bytes changes
-/// nothing a node sees (records are immutable), only how often the process stores them.
-#[derive(Default)]
-struct RecordPool {
-    /// Fx, not SipHash: hashing every record at every fsync was a tenth of the simulator's
-    /// serial work on two threads (400 nodes), and nothing here is adversarial.
-    records: HashSet<Arc<[u8]>, rustc_hash::FxBuildHasher>,
-    purge_at: usize,
+/// One distinct record: where its bytes are in the pool's file. Shared by every disk that
+/// holds it; the pool forgets it once no disk does.
+type Record = Arc<Stored>;
+
+struct Stored {
+    /// Offset in the pool's file (moved when the file is compacted).
+    offset: AtomicU64,
+    len: u32,
 }
 
+/// Persisted records shared by content across the simulated disks, their bytes in a real
+/// temporary file. Most records are one change pushed to every node, persisted alike by each:
+/// at 1,000 nodes the disks held a thousand copies of each, a quarter of the simulator's
+/// memory, and shared by content in memory the distinct ones still grew past 2 GB after a
+/// heal (documents in as many states as nodes, snapshotted). Bytes are read back only when a
+/// crashed node restarts. Sharing changes nothing a node sees (records are immutable), only
+/// where the process keeps them.
+struct RecordPool {
+    /// Unnamed (unlinked at creation), so nothing is left behind however the process ends.
+    file: std::fs::File,
+    /// Its length, `buffer` included.
+    file_len: u64,
+    /// Appended bytes not yet written to the file, which start at `file_len - buffer.len()`.
+    buffer: Vec<u8>,
+    /// By content: XXH3-128 of the bytes. A collision among the ten million or so records of
+    /// a 1,000-node run has a probability around 1e-25.
+    records: HashMap<u128, Record, rustc_hash::FxBuildHasher>,
+    /// Bytes of the records in `records`.
+    live_bytes: u64,
+    purge_at: usize,
+    /// The file is rewritten only past this size.
+    compact_from: u64,
+}
+
+/// Appended bytes go to the file in writes of about this size.
+const POOL_BUFFER: usize = 4 << 20;
+
 impl RecordPool {
-    fn intern(&mut self, bytes: Vec<u8>) -> Arc<[u8]> {
-        if let Some(found) = self.records.get(&bytes[..]) {
+    fn new() -> RecordPool {
+        let file = tempfile::tempfile()
+            .unwrap_or_else(|e| panic!("cannot create the simulated disks' file in the temporary directory: {e}"));
+        RecordPool {
+            file,
+            file_len: 0,
+            buffer: Vec::new(),
+            records: HashMap::default(),
+            live_bytes: 0,
+            purge_at: 1 << 16,
+            compact_from: 64 << 20,
+        }
+    }
+
+    fn intern(&mut self, bytes: Vec<u8>) -> Record {
+        let key = xxhash_rust::xxh3::xxh3_128(&bytes);
+        if let Some(found) = self.records.get(&key) {
             return Arc::clone(found);
         }
-        let record: Arc<[u8]> = bytes.into();
-        self.records.insert(Arc::clone(&record));
+        let record = Arc::new(Stored { offset: AtomicU64::new(self.file_len), len: bytes.len() as u32 });
+        self.append(&bytes);
+        self.live_bytes += bytes.len() as u64;
+        self.records.insert(key, Arc::clone(&record));
         if self.records.len() > self.purge_at {
-            // Forget records no disk holds any more (each node drops its log at a snapshot).
-            self.records.retain(|r| Arc::strong_count(r) > 1);
+            self.purge();
             self.purge_at = (self.records.len() * 2).max(1 << 16);
         }
         record
+    }
+
+    fn append(&mut self, bytes: &[u8]) {
+        self.buffer.extend_from_slice(bytes);
+        self.file_len += bytes.len() as u64;
+        if self.buffer.len() >= POOL_BUFFER {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        use std::io::Write as _;
+        self.file.write_all(&self.buffer).unwrap_or_else(|e| panic!("cannot write the simulated disks' file: {e}"));
+        self.buffer.clear();
+    }
+
+    /// A record's bytes.
+    fn read(&self, record: &Stored) -> Vec<u8> {
+        use std::os::unix::fs::FileExt as _;
+        let offset = record.offset.load(Ordering::Relaxed);
+        let buffered_from = self.file_len - self.buffer.len() as u64;
+        let mut out = vec![0; record.len as usize];
+        if offset >= buffered_from {
+            let at = (offset - buffered_from) as usize;
+            let len = out.len();
+            out.copy_from_slice(&self.buffer[at..at + len]);
+        } else {
+            self.file
+                .read_exact_at(&mut out, offset)
+                .unwrap_or_else(|e| panic!("cannot read the simulated disks' file: {e}"));
+        }
+        out
+    }
+
+    /// Forgets records no disk holds any more (each node drops its log at a snapshot), and
+    /// rewrites the file with only the rest once they are under half of it.
+    fn purge(&mut self) {
+        self.records.retain(|_, r| Arc::strong_count(r) > 1);
+        self.live_bytes = self.records.values().map(|r| u64::from(r.len)).sum();
+        if self.file_len < self.compact_from || self.file_len < 2 * self.live_bytes {
+            return;
+        }
+        let mut next = RecordPool::new();
+        for record in self.records.values() {
+            let bytes = self.read(record);
+            record.offset.store(next.file_len, Ordering::Relaxed);
+            next.append(&bytes);
+        }
+        next.records = std::mem::take(&mut self.records);
+        next.live_bytes = self.live_bytes;
+        next.purge_at = self.purge_at;
+        next.compact_from = self.compact_from;
+        *self = next;
     }
 }
 
@@ -521,7 +616,7 @@ impl Sim {
             healthy_since: 0,
             deaths_by_node: BTreeMap::new(),
             result,
-            pool: RecordPool::default(),
+            pool: RecordPool::new(),
             states: Arc::default(),
             calls: (0..config.nodes).map(|_| Vec::new()).collect(),
             ids,
@@ -564,7 +659,8 @@ impl Sim {
         let node = &mut self.nodes[i];
         node.boot += 1;
         // The snapshot's records replay like the log's, ahead of them.
-        let records: Vec<Vec<u8>> = node.disk.snapshot.iter().chain(&node.disk.records).map(|r| r.to_vec()).collect();
+        let pool = &self.pool;
+        let records: Vec<Vec<u8>> = node.disk.snapshot.iter().chain(&node.disk.records).map(|r| pool.read(r)).collect();
         let restored = if node.boot == 1 { None } else { Some((None, &records[..])) };
         let states = Some(self.states.clone());
         let engine = Engine::new_sharing(node.id.clone(), config, seed, self.now, restored, states)
@@ -624,12 +720,12 @@ impl Sim {
     fn memory_report(&self) -> String {
         let (mut disk, mut records) = (0usize, 0usize);
         for n in &self.nodes {
-            disk += n.disk.snapshot.iter().map(|r| r.len()).sum::<usize>()
-                + n.disk.records.iter().map(|r| r.len()).sum::<usize>();
+            disk += n.disk.snapshot.iter().map(|r| r.len as usize).sum::<usize>()
+                + n.disk.records.iter().map(|r| r.len as usize).sum::<usize>();
             records += n.disk.records.len();
         }
         let t = self.footprint();
-        let unique: usize = self.pool.records.iter().map(|r| r.len()).sum();
+        let unique = self.pool.live_bytes as usize;
         let job_states = self.states.job_states();
         format!(
             "disk {} MB in {} records ({} MB in {} distinct); job docs {} ({} live), cold {} MB, {} states kept loaded, {} job states ({} MB, {} hashes); tombstones {}; sync sessions {}; cached jobs {}; pending {}; timers {}; queued events {}",
@@ -1490,4 +1586,37 @@ fn rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Record, RecordPool};
+    use std::sync::Arc;
+
+    /// Records equal in content are one record; every record reads back as written, from
+    /// the write buffer, from the file, and after the file was rewritten without the records
+    /// no disk holds any more.
+    #[test]
+    fn the_record_pool_shares_by_content_and_reads_back_what_it_was_given() {
+        let mut pool = RecordPool::new();
+        pool.compact_from = 1 << 20;
+        let bytes = |i: usize| format!("record {i} ").repeat(1 + i % 100).into_bytes();
+        let a = pool.intern(bytes(1));
+        assert!(Arc::ptr_eq(&a, &pool.intern(bytes(1))), "equal content, one record");
+        assert_eq!(pool.read(&a), bytes(1), "read back from the buffer");
+        // Enough to pass the file through several buffers and the purge threshold; keep
+        // every third record, as a disk would.
+        let kept: Vec<(usize, Record)> =
+            (0..20_000).map(|i| (i, pool.intern(bytes(i)))).filter(|(i, _)| i % 3 == 0).collect();
+        assert!(pool.file_len > 6 << 20, "the file grew through several buffers");
+        pool.purge();
+        assert!(pool.file_len < 2 * pool.live_bytes, "compacted to the records kept");
+        assert_eq!(pool.records.len(), kept.len() + 1, "only records some disk holds remain");
+        for (i, record) in &kept {
+            assert_eq!(pool.read(record), bytes(*i), "record {i} after compaction");
+        }
+        assert_eq!(pool.read(&a), bytes(1));
+        let again = pool.intern(bytes(3));
+        assert!(Arc::ptr_eq(&again, &kept[1].1), "still shared by content after compaction");
+    }
 }
