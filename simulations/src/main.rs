@@ -9,7 +9,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// `purge_delay`). A simulation frees and allocates gigabytes over and over; purged pages
 /// came back through page faults and the kernel zeroing them (5% of a 400-node run in perf),
 /// and 400 nodes x 1,000 jobs ran about 8% faster without purging, at the same peak RSS.
-#[allow(unsafe_code)] // The workspace's only FFI calls, in the simulator binary only.
+#[allow(unsafe_code)] // The workspace's one FFI call, in the simulator binary only.
 fn keep_freed_memory() {
     // The bindings name `mi_option_use_numa_nodes` but not `mi_option_purge_delay`, which
     // comes right before it in mimalloc.h (v2 and v3 alike).
@@ -17,20 +17,6 @@ fn keep_freed_memory() {
     // SAFETY: called first thing in `main`, before any other thread exists (the option is
     // not thread safe to set); it only changes when freed pages are returned to the OS.
     unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) };
-    // Nor `mi_option_generic_collect` (mimalloc v3, the one built): every so many
-    // allocations (10,000 by default) a thread's heap is collected, which visits every page
-    // it holds. With 15 GB of heap after the 1,000-node ring healed that was 11% of the run
-    // (perf). Pages are collected anyway when allocated from; a 200-node run is unchanged in
-    // result, time and peak memory with the visit 100 times rarer.
-    // The bindings do not name it either: its place in v3's enum, checked by its default
-    // (should another version put another option there, this leaves it alone).
-    const GENERIC_COLLECT: libmimalloc_sys::mi_option_t = 34;
-    // SAFETY: as above.
-    unsafe {
-        if libmimalloc_sys::mi_option_get(GENERIC_COLLECT) == 10_000 {
-            libmimalloc_sys::mi_option_set(GENERIC_COLLECT, 1_000_000);
-        }
-    }
 }
 
 use colony_sim::{Fault, RunResult, Sim, SimConfig};
