@@ -710,7 +710,7 @@ impl Sim {
     /// The main structures' sizes, summed over the nodes up now.
     fn footprint(&self) -> colony::engine::Footprint {
         let mut total = colony::engine::Footprint::default();
-        for engine in self.nodes.iter().filter_map(|n| n.engine.as_ref()) {
+        for engine in self.engines() {
             total += engine.footprint();
         }
         total
@@ -1305,7 +1305,7 @@ impl Sim {
     }
 
     fn digests_equal(&self) -> bool {
-        let mut digests = self.nodes.iter().filter_map(|n| n.engine.as_ref()).map(|e| e.digest());
+        let mut digests = self.engines().map(|e| e.digest());
         let Some(first) = digests.next() else { return true };
         digests.all(|d| d == first)
     }

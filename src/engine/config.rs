@@ -99,8 +99,10 @@ pub struct Limits {
     pub snapshot_after_bytes: usize,
     /// Documents offered in one anti-entropy summary.
     pub summary_entries: usize,
-    /// Documents a node asks peers to repair (`Have`) per anti-entropy interval at most, a
-    /// random choice among those that differ; later intervals take the rest. The regular
+    /// Job documents a node asks peers to repair (`Have`) per anti-entropy interval at most,
+    /// a random choice among those that differ; later intervals take the rest. Node
+    /// documents are repaired first and always: one per member, and they say who is alive,
+    /// so who owns what (they count against the budget, but are never deferred). The regular
     /// round and the eager rounds with new peers share it. Repair is rate-limited, as in
     /// Cassandra's or Riak's anti-entropy: under a partition where every node sees a different
     /// half (a ring), two neighbours differ in thousands of documents, and syncing all of them

@@ -310,7 +310,7 @@ pub struct Engine {
     /// Nodes this node saw alive until a death certificate arrived all at once (not after a
     /// suspicion): certificates written across a cut that has healed. Each was passed on to
     /// the accused, and until the deadline here its instances wait for its refutation before
-    /// anyone here claims them (see `on_nodes_changed`).
+    /// anyone here claims them (see `on_state_change`).
     awaiting_refutation: BTreeMap<NodeId, u64>,
     /// Peers that may win placements (not this node).
     candidates: BTreeMap<NodeId, Candidate>,
