@@ -27,7 +27,8 @@ pub struct Timing {
     /// Extra wait per rank position before a lower-ranked node claims. Long enough for the
     /// better-ranked node's claim to arrive (a LAN push takes about 1 ms).
     pub claim_stagger_ms: u64,
-    /// Rank positions past this all wait the same; bounds the wait when the best nodes are gone.
+    /// Rank positions are counted exactly up to this; past it, a node estimates its position
+    /// from its own rendezvous hash (see `Engine::rank_position`). Bounds the ranking's cost.
     pub max_claim_rank: u32,
     /// How often each node starts an anti-entropy round with one random peer.
     pub anti_entropy_ms: u64,

@@ -203,3 +203,98 @@ fn a_certificate_from_across_a_healed_cut_waits_for_the_refutation() {
     }
     assert!(converged, "one digest and one running copy after the heal: {running:?}");
 }
+
+/// Nodes past `max_claim_rank` still claim one after another when the better-ranked nodes do
+/// not claim (here: nobody hears anybody's claim). They used to wait the same `cap` steps and
+/// claim in the same instant: at hundreds of nodes, hundreds of claims on one instance, each
+/// pushed to every node.
+#[test]
+fn nodes_past_the_rank_cap_claim_one_after_another() {
+    use super::{Engine, EngineConfig, Output};
+    use colony_crdt::{JobSpec, Resources};
+    use std::collections::{BTreeMap, VecDeque};
+
+    const N: usize = 13;
+    const STAGGER: u64 = 50;
+    let id = |i: usize| format!("node-{i}");
+    let index = |name: &str| (0..N).find(|i| id(*i) == name).expect("a known node");
+    let mut nodes: Vec<Engine> = (0..N)
+        .map(|i| {
+            // Node 0 takes the submission and has no room, so it claims nothing itself.
+            let capacity =
+                if i == 0 { Resources::default() } else { Resources { cpu_millis: 4_000, memory_mb: 4_096 } };
+            let mut config = EngineConfig::new(id(i), capacity);
+            config.timing.max_claim_rank = 2;
+            config.timing.claim_stagger_ms = STAGGER;
+            config.timing.probe_interval_ms = 3_600_000; // no suspicions while nobody hears anybody
+            Engine::new(id(i), config, i as u64, 0, None).expect("starts")
+        })
+        .collect();
+    // Everybody meets and learns everybody's node document; then the submission reaches
+    // everybody, and from then on every message is lost.
+    let deliver = |nodes: &mut Vec<Engine>, now: u64, tick: bool| {
+        let mut queue: VecDeque<(usize, usize, super::Message)> = VecDeque::new();
+        for (i, node) in nodes.iter_mut().enumerate() {
+            if tick {
+                node.handle_timeout(now);
+            }
+            while let Some(out) = node.poll_output() {
+                if let Output::Send { to, message } = out {
+                    queue.push_back((i, index(&to), message));
+                }
+            }
+        }
+        while let Some((from, to, message)) = queue.pop_front() {
+            nodes[to].handle_message(now, &id(from), message);
+            while let Some(out) = nodes[to].poll_output() {
+                if let Output::Send { to: next, message } = out {
+                    queue.push_back((to, index(&next), message));
+                }
+            }
+        }
+    };
+    for (i, node) in nodes.iter_mut().enumerate() {
+        for peer in (0..N).filter(|p| *p != i) {
+            node.handle_peer_up(0, id(peer));
+        }
+    }
+    let mut now = 0;
+    while nodes.iter().any(|n| n.table().nodes().count() < N) {
+        assert!(now < 30_000, "node documents did not spread");
+        deliver(&mut nodes, now, true);
+        now += 10;
+    }
+    let mut spec = JobSpec::command("true", ["x"]);
+    spec.resources = Resources { cpu_millis: 100, memory_mb: 64 };
+    nodes[0].submit(now, spec).expect("a valid spec");
+    // The submission's push only: whoever claims at once (the best node) is not heard.
+    let pushes: Vec<(String, super::Message)> = std::iter::from_fn(|| nodes[0].poll_output())
+        .filter_map(|out| match out {
+            Output::Send { to, message } => Some((to, message)),
+            _ => None,
+        })
+        .collect();
+    for (to, message) in pushes {
+        let to = index(&to);
+        nodes[to].handle_message(now, &id(0), message);
+    }
+    let start = now;
+    let mut claimed_at: BTreeMap<usize, u64> = BTreeMap::new();
+    for now in start..=start + (N as u64 + 4) * STAGGER {
+        for (i, node) in nodes.iter_mut().enumerate() {
+            node.handle_timeout(now);
+            while node.poll_output().is_some() {}
+            if node.counters().claims > 0 {
+                claimed_at.entry(i).or_insert(now - start);
+            }
+        }
+    }
+    assert_eq!(claimed_at.len(), N - 1, "every node with room claims in the end: {claimed_at:?}");
+    let mut per_instant: BTreeMap<u64, usize> = BTreeMap::new();
+    for at in claimed_at.values() {
+        *per_instant.entry(*at).or_default() += 1;
+    }
+    let most = per_instant.values().copied().max().unwrap_or(0);
+    assert!(most <= 3, "{most} nodes claimed in one instant: {per_instant:?}");
+    assert!(per_instant.len() >= (N - 1) / 2, "claims spread over few instants: {per_instant:?}");
+}
