@@ -208,8 +208,24 @@ pub struct RunResult {
     pub claims_replacing: u64,
     /// Fault episodes injected, by kind.
     pub faults_injected: BTreeMap<String, usize>,
+    /// Each fault episode: what, when, for how long, which nodes. A function of the seed and
+    /// the configuration's fault mix and size only, not of what the nodes do.
+    pub fault_episodes: Vec<FaultEpisode>,
     /// The main structures' sizes at rest, summed over the nodes up at the end.
     pub footprint_at_rest: colony::engine::Footprint,
+}
+
+/// One fault episode a run injected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FaultEpisode {
+    /// The fault's name (as `--faults` takes it).
+    pub fault: &'static str,
+    /// Virtual ms it started at.
+    pub at_ms: u64,
+    /// How long it lasted.
+    pub duration_ms: u64,
+    /// The nodes it singled out (a victim, a bridge, a cut's ends), by index.
+    pub nodes: Vec<usize>,
 }
 
 impl RunResult {
@@ -225,19 +241,54 @@ impl RunResult {
 
 #[derive(Debug)]
 enum Ev {
-    Deliver { to: usize, from: usize, message: Message },
-    Wake { node: usize },
-    TaskExit { node: usize, boot: u64, task: String, code: i32 },
-    Submit { job: usize },
-    Stop { job: usize },
-    FaultStart { fault: Fault },
-    FaultEnd { episode: u64 },
-    Restart { node: usize },
-    Unpause { node: usize },
-    Fsync { node: usize },
+    Deliver {
+        to: usize,
+        from: usize,
+        message: Message,
+    },
+    Wake {
+        node: usize,
+    },
+    TaskExit {
+        node: usize,
+        boot: u64,
+        task: String,
+        code: i32,
+    },
+    /// `node`: where it is submitted (or stopped), drawn with the schedule.
+    Submit {
+        job: usize,
+        node: usize,
+    },
+    Stop {
+        job: usize,
+        node: usize,
+    },
+    /// `seed`: the episode's own draws (length, victims), so the faults a seed injects do not
+    /// depend on what the nodes did before (two builds run against the same faults).
+    FaultStart {
+        fault: Fault,
+        seed: u64,
+    },
+    FaultEnd {
+        episode: u64,
+    },
+    Restart {
+        node: usize,
+    },
+    Unpause {
+        node: usize,
+    },
+    Fsync {
+        node: usize,
+    },
     Heal,
     Check,
-    Link { a: usize, b: usize, down: bool },
+    Link {
+        a: usize,
+        b: usize,
+        down: bool,
+    },
 }
 
 #[derive(Default)]
@@ -683,14 +734,19 @@ impl Sim {
         for i in 0..self.nodes.len() {
             self.boot_node(i);
         }
-        // Workload: submissions spread over the fault phase.
+        // Workload and faults are drawn here, from the seed alone: what happens to the nodes
+        // (and so the draws for message loss and delay) does not move them.
+        // Workload: submissions spread over the fault phase, each to a random node.
         let phase = self.config.fault_phase_ms;
+        let n = self.nodes.len();
         for job in 0..self.workload.len() {
             let at = self.rng.gen_range(100..phase.max(200));
-            self.schedule(at, Ev::Submit { job });
+            let node = self.rng.gen_range(0..n);
+            self.schedule(at, Ev::Submit { job, node });
             if self.rng.gen_bool(self.config.stop_share) {
                 let delay = self.rng.gen_range(200..3_000);
-                self.schedule(at + delay, Ev::Stop { job });
+                let node = self.rng.gen_range(0..n);
+                self.schedule(at + delay, Ev::Stop { job, node });
             }
         }
         // Faults: episodes one after another with quiet gaps, each kind drawn from the mix.
@@ -698,7 +754,8 @@ impl Sim {
             let mut t = 1_000;
             while t + 1_000 < phase {
                 let fault = self.config.faults[self.rng.gen_range(0..self.config.faults.len())];
-                self.schedule(t, Ev::FaultStart { fault });
+                let seed = self.rng.gen();
+                self.schedule(t, Ev::FaultStart { fault, seed });
                 t += self.rng.gen_range(3_000..8_000);
             }
         }
@@ -953,9 +1010,9 @@ impl Sim {
                 // INVARIANT: `run_events` runs these in segments.
                 unreachable!("a segment's event run as a barrier: {ev:?}")
             }
-            Ev::Submit { job } => self.submit(job),
-            Ev::Stop { job } => self.stop(job),
-            Ev::FaultStart { fault } => self.fault_start(fault),
+            Ev::Submit { job, node } => self.submit(job, node),
+            Ev::Stop { job, node } => self.stop(job, node),
+            Ev::FaultStart { fault, seed } => self.fault_start(fault, seed),
             Ev::FaultEnd { episode } => self.fault_end(episode),
             Ev::Restart { node } => {
                 if self.nodes[node].engine.is_none() {
@@ -1001,8 +1058,7 @@ impl Sim {
         }
     }
 
-    fn submit(&mut self, job: usize) {
-        let node = self.rng.gen_range(0..self.nodes.len());
+    fn submit(&mut self, job: usize, node: usize) {
         let up = self.nodes[node].engine.is_some() && self.nodes[node].paused_until.is_none();
         if !up {
             self.result.unacknowledged += 1;
@@ -1025,9 +1081,8 @@ impl Sim {
         }
     }
 
-    fn stop(&mut self, job: usize) {
+    fn stop(&mut self, job: usize, node: usize) {
         let Some(id) = self.job_ids.get(&job).cloned() else { return };
-        let node = self.rng.gen_range(0..self.nodes.len());
         if self.nodes[node].paused_until.is_some() {
             return;
         }
@@ -1161,35 +1216,37 @@ impl Sim {
         true
     }
 
-    fn random_live_node(&mut self) -> Option<usize> {
+    fn random_live_node(&self, rng: &mut ChaCha8Rng) -> Option<usize> {
         let live: Vec<usize> = (0..self.nodes.len())
             .filter(|i| self.nodes[*i].engine.is_some() && self.nodes[*i].paused_until.is_none())
             .collect();
         if live.is_empty() {
             return None;
         }
-        Some(live[self.rng.gen_range(0..live.len())])
+        Some(live[rng.gen_range(0..live.len())])
     }
 
-    fn fault_start(&mut self, fault: Fault) {
+    fn fault_start(&mut self, fault: Fault, seed: u64) {
         if self.heal_at.is_some() {
             return;
         }
         self.episode += 1;
         let episode = self.episode;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let n = self.nodes.len();
-        let duration = self.rng.gen_range(1_000..4_000);
+        let duration = rng.gen_range(1_000..4_000);
         *self.result.faults_injected.entry(fault.name().to_string()).or_default() += 1;
         let mut touched = Vec::new();
+        let mut singled = Vec::new();
         match fault {
-            Fault::Loss => self.net.loss = self.rng.gen_range(0.05..0.30),
-            Fault::Delay => self.net.extra_delay_ms = self.rng.gen_range(20..300),
-            Fault::Duplicate => self.net.duplicate = self.rng.gen_range(0.05..0.3),
-            Fault::Reorder => self.net.jitter_ms = self.rng.gen_range(20..200),
+            Fault::Loss => self.net.loss = rng.gen_range(0.05..0.30),
+            Fault::Delay => self.net.extra_delay_ms = rng.gen_range(20..300),
+            Fault::Duplicate => self.net.duplicate = rng.gen_range(0.05..0.3),
+            Fault::Reorder => self.net.jitter_ms = rng.gen_range(20..200),
             Fault::Halves => {
                 let cut = n / 2;
                 let mut order: Vec<usize> = (0..n).collect();
-                shuffle(&mut self.rng, &mut order);
+                shuffle(&mut rng, &mut order);
                 let mut groups = vec![0; n];
                 for (k, i) in order.iter().enumerate() {
                     groups[*i] = u32::from(k >= cut.max(1));
@@ -1197,14 +1254,16 @@ impl Sim {
                 self.net.groups = Some(groups);
             }
             Fault::Isolate => {
-                let victim = self.rng.gen_range(0..n);
+                let victim = rng.gen_range(0..n);
+                singled.push(victim);
                 let mut groups = vec![0; n];
                 groups[victim] = 1;
                 self.net.groups = Some(groups);
             }
             Fault::Bridge => {
                 let mut groups: Vec<u32> = (0..n).map(|i| (i % 2) as u32).collect();
-                let bridge = self.rng.gen_range(0..n);
+                let bridge = rng.gen_range(0..n);
+                singled.push(bridge);
                 groups[bridge] = u32::MAX;
                 self.net.groups = Some(groups);
             }
@@ -1214,27 +1273,29 @@ impl Sim {
             }
             Fault::OneWay => {
                 if n >= 2 {
-                    let a = self.rng.gen_range(0..n);
-                    let b = (a + self.rng.gen_range(1..n)) % n;
+                    let a = rng.gen_range(0..n);
+                    let b = (a + rng.gen_range(1..n)) % n;
+                    singled.extend([a, b]);
                     self.net.cuts.insert((a, b));
                 }
             }
             Fault::Flap => {
                 if n >= 2 {
-                    let a = self.rng.gen_range(0..n);
-                    let b = (a + self.rng.gen_range(1..n)) % n;
+                    let a = rng.gen_range(0..n);
+                    let b = (a + rng.gen_range(1..n)) % n;
+                    singled.extend([a, b]);
                     let mut t = self.now;
                     let mut down = true;
                     while t < self.now + duration {
                         self.schedule(t, Ev::Link { a, b, down });
-                        t += self.rng.gen_range(100..600);
+                        t += rng.gen_range(100..600);
                         down = !down;
                     }
                     self.schedule(self.now + duration, Ev::Link { a, b, down: false });
                 }
             }
             Fault::Crash => {
-                if let Some(victim) = self.random_live_node() {
+                if let Some(victim) = self.random_live_node(&mut rng) {
                     self.trace(|| format!("crash n{victim}"));
                     let node = &mut self.nodes[victim];
                     node.engine = None;
@@ -1246,7 +1307,7 @@ impl Sim {
                 }
             }
             Fault::Pause => {
-                if let Some(victim) = self.random_live_node() {
+                if let Some(victim) = self.random_live_node(&mut rng) {
                     self.trace(|| format!("pause n{victim}"));
                     self.nodes[victim].paused_until = Some(self.now + duration);
                     touched.push(victim);
@@ -1265,6 +1326,13 @@ impl Sim {
                 duration as f64 / 1000.0
             );
         }
+        singled.extend(&touched);
+        self.result.fault_episodes.push(FaultEpisode {
+            fault: fault.name(),
+            at_ms: self.now,
+            duration_ms: duration,
+            nodes: singled,
+        });
         self.active_faults.insert(episode, (fault, touched));
         self.schedule(self.now + duration, Ev::FaultEnd { episode });
     }
