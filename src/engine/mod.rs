@@ -48,8 +48,8 @@ const SESSION_IDLE_INTERVALS: u64 = 3;
 const EAGER_ROUNDS: u32 = 3;
 
 /// Rank positions past `max_claim_rank` spread over this many times the cap (see
-/// `Engine::rank_position`): at 1,000 nodes about 15 nodes share a position past the cap,
-/// and the longest back-off is `5 × cap` staggers (3.2 s by default). Spread over every
+/// `Engine::past_cap_position`): at 1,000 nodes about 15 nodes share a position past the
+/// cap, and the longest back-off is under `5 × cap` staggers (3.2 s at the default 40 ms). Spread over every
 /// position, the back-offs reached 40 s, and the timers of nodes waiting them out were 7.5
 /// million entries in a 1,000-node simulation.
 const PAST_CAP_SLOTS: usize = 4;
@@ -1511,7 +1511,7 @@ impl Engine {
             s
         };
         let mine = score_of(&self.id, self.config.capacity, self.local_allocation());
-        let cap = self.config.timing.max_claim_rank;
+        let cap = self.config.timing.max_claim_rank.max(1);
         let mut better = 0;
         let driver = colony_crdt::hash::stable_hash(spec.driver.as_bytes());
         for (id, c) in &self.candidates {
@@ -1526,13 +1526,34 @@ impl Engine {
             if s > mine || (s == mine && id < &self.id) {
                 better += 1;
                 if better >= cap {
-                    let u = colony_crdt::hash::unit_interval(rules::rank_key_of(instance, &self.id));
-                    let beyond = self.candidates.len().saturating_sub(cap as usize).min(PAST_CAP_SLOTS * cap as usize);
-                    return cap.saturating_add(((1.0 - u) * beyond as f64) as u32);
+                    let penalized =
+                        spec.restart.placement == RestartPlacement::Other && view.failed_on.contains(self.id.as_str());
+                    return self.past_cap_position(instance, cap, penalized);
                 }
             }
         }
         better
+    }
+
+    /// [`Engine::rank_position`] past the cap. As if every node weighed the same, the share of
+    /// nodes ranked before this one is about `1 - u` (`u` its rendezvous hash in (0, 1]), and
+    /// nodes past the cap have a share above about `cap / n`: that range maps onto the window
+    /// of `min(n - cap, PAST_CAP_SLOTS × cap)` positions after the cap, so small clusters use
+    /// its first positions too. A node that failed the instance where the job wants another
+    /// node (`penalized`) takes the last position, as it ranks after every other node.
+    fn past_cap_position(&self, instance: u64, cap: u32, penalized: bool) -> u32 {
+        let n = self.candidates.len();
+        let slots = n.saturating_sub(cap as usize).min(PAST_CAP_SLOTS.saturating_mul(cap as usize));
+        if slots == 0 {
+            return cap;
+        }
+        if penalized {
+            return cap.saturating_add(slots as u32 - 1);
+        }
+        let u = colony_crdt::hash::unit_interval(rules::rank_key_of(instance, &self.id));
+        let floor = f64::from(cap) / n as f64;
+        let share = ((1.0 - u - floor) / (1.0 - floor)).clamp(0.0, 1.0);
+        cap.saturating_add(((share * slots as f64) as u32).min(slots as u32 - 1))
     }
 
     fn start_task(&mut self, now_ms: u64, job: &str, spec: &JobSpec, index: u32, attempt: u32) {

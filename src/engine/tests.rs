@@ -264,6 +264,12 @@ fn nodes_past_the_rank_cap_claim_one_after_another() {
         deliver(&mut nodes, now, true);
         now += 10;
     }
+    // A node that failed the instance where the job wants another node waits longest.
+    let instance = colony_crdt::rules::instance_key("some-job", 0, 0);
+    let last = 2 + 8 - 1; // cap 2, then min(12 others - 2, 4 × 2) positions
+    assert_eq!(nodes[1].past_cap_position(instance, 2, true), last);
+    let positions: Vec<u32> = nodes.iter().map(|n| n.past_cap_position(instance, 2, false)).collect();
+    assert!(positions.iter().all(|p| (2..=last).contains(p)), "positions past the window: {positions:?}");
     let mut spec = JobSpec::command("true", ["x"]);
     spec.resources = Resources { cpu_millis: 100, memory_mb: 64 };
     nodes[0].submit(now, spec).expect("a valid spec");
@@ -297,4 +303,7 @@ fn nodes_past_the_rank_cap_claim_one_after_another() {
     let most = per_instant.values().copied().max().unwrap_or(0);
     assert!(most <= 3, "{most} nodes claimed in one instant: {per_instant:?}");
     assert!(per_instant.len() >= (N - 1) / 2, "claims spread over few instants: {per_instant:?}");
+    // The back-off past the cap stays within its window: 2 + 8 positions here, not 12.
+    let bound = (1 + super::PAST_CAP_SLOTS as u64) * 2 * STAGGER;
+    assert!(per_instant.keys().all(|at| *at < bound), "a claim waited past {bound} ms: {per_instant:?}");
 }
