@@ -239,56 +239,24 @@ impl RunResult {
     }
 }
 
+/// A simulator event. `Submit` and `Stop` carry the node they go to, and `FaultStart` the seed
+/// of the episode's own draws (length, victims), all drawn with the schedule: what the nodes
+/// do before does not move them, so two builds run against the same workload and faults.
 #[derive(Debug)]
 enum Ev {
-    Deliver {
-        to: usize,
-        from: usize,
-        message: Message,
-    },
-    Wake {
-        node: usize,
-    },
-    TaskExit {
-        node: usize,
-        boot: u64,
-        task: String,
-        code: i32,
-    },
-    /// `node`: where it is submitted (or stopped), drawn with the schedule.
-    Submit {
-        job: usize,
-        node: usize,
-    },
-    Stop {
-        job: usize,
-        node: usize,
-    },
-    /// `seed`: the episode's own draws (length, victims), so the faults a seed injects do not
-    /// depend on what the nodes did before (two builds run against the same faults).
-    FaultStart {
-        fault: Fault,
-        seed: u64,
-    },
-    FaultEnd {
-        episode: u64,
-    },
-    Restart {
-        node: usize,
-    },
-    Unpause {
-        node: usize,
-    },
-    Fsync {
-        node: usize,
-    },
+    Deliver { to: usize, from: usize, message: Message },
+    Wake { node: usize },
+    TaskExit { node: usize, boot: u64, task: String, code: i32 },
+    Submit { job: usize, node: usize },
+    Stop { job: usize, node: usize },
+    FaultStart { fault: Fault, seed: u64 },
+    FaultEnd { episode: u64 },
+    Restart { node: usize },
+    Unpause { node: usize },
+    Fsync { node: usize },
     Heal,
     Check,
-    Link {
-        a: usize,
-        b: usize,
-        down: bool,
-    },
+    Link { a: usize, b: usize, down: bool },
 }
 
 #[derive(Default)]

@@ -49,9 +49,9 @@ const EAGER_ROUNDS: u32 = 3;
 
 /// Rank positions past `max_claim_rank` spread over this many times the cap (see
 /// `Engine::past_cap_position`): at 1,000 nodes about 15 nodes share a position past the
-/// cap, and the longest back-off is under `5 × cap` staggers (3.2 s at the default 40 ms). Spread over every
-/// position, the back-offs reached 40 s, and the timers of nodes waiting them out were 7.5
-/// million entries in a 1,000-node simulation.
+/// cap, and the longest back-off is under `5 × cap` staggers (3.2 s at the default 40 ms).
+/// Spread over every position, the back-offs reached 40 s, and the timers of nodes waiting
+/// them out were 7.5 million entries in a 1,000-node simulation.
 const PAST_CAP_SLOTS: usize = 4;
 
 /// A peer that may win placements: alive, active, with its facts known. Kept up to date as
@@ -1495,7 +1495,7 @@ impl Engine {
     /// Counted exactly up to `max_claim_rank`, which bounds the ranking's cost (every node
     /// ranks every new instance). Past it, the position is estimated from this node's own
     /// rendezvous hash, as if every node weighed the same, over at most
-    /// `PAST_CAP_SLOTS × cap` more positions: `cap + (1 - u) * min(n - cap, slots)`. So the
+    /// `PAST_CAP_SLOTS × cap` more positions ([`Engine::past_cap_position`]). So the
     /// nodes past the cap still claim one after another, best first, within a bounded wait
     /// (every waiting node holds a timer until then). They used to all wait `cap` steps and
     /// claim in the same instant whenever the best nodes could not claim (a partition hid
@@ -1503,9 +1503,10 @@ impl Engine {
     /// of all claims, each pushed to every node.
     fn rank_position(&self, job: &str, spec: &JobSpec, view: &InstanceView) -> u32 {
         let instance = rules::instance_key(job, view.index, view.attempt);
+        let penalized = |node: &str| spec.restart.placement == RestartPlacement::Other && view.failed_on.contains(node);
         let score_of = |node: &str, capacity: Resources, allocated: Resources| {
             let mut s = rules::placement_score_of(instance, node, capacity, allocated);
-            if spec.restart.placement == RestartPlacement::Other && view.failed_on.contains(node) {
+            if penalized(node) {
                 s /= 1e6; // after every node that has not failed it
             }
             s
@@ -1526,9 +1527,7 @@ impl Engine {
             if s > mine || (s == mine && id < &self.id) {
                 better += 1;
                 if better >= cap {
-                    let penalized =
-                        spec.restart.placement == RestartPlacement::Other && view.failed_on.contains(self.id.as_str());
-                    return self.past_cap_position(instance, cap, penalized);
+                    return self.past_cap_position(instance, cap, penalized(&self.id));
                 }
             }
         }
